@@ -1,0 +1,718 @@
+"""Dataset converters: build the canonical dataset directory every DMESR stage reads.
+
+    python data/prepare.py synthetic --out data/toy                       # ~200 items, ~1500 users, rendered images
+    python data/prepare.py synthetic --out data/big --items 1000000 --users 1000000 --no-images
+    python data/prepare.py beauty    --out data/beauty                    # ../shared/data/amazon/Beauty.txt + titles
+    python data/prepare.py sports    --out data/sports                    # ID-only (no item text)
+    python data/prepare.py movielens --out data/ml300 --top-items 300     # ratings + title/genres/tags + posters
+    python data/prepare.py amazon2023 --reviews All_Beauty.jsonl.gz --meta meta_All_Beauty.jsonl.gz --out data/ab
+
+Writes DIR/interactions.csv (user_id,item_id,timestamp), DIR/items.jsonl (item_id, title, brand, categories, price,
+description, image), DIR/images/, and DIR/prepare_config.json (the exact arguments). Prints one JSON line on stdout:
+{"users": ..., "items": ..., "interactions": ..., "items_with_image": ...}; progress and warnings go to stderr.
+A relative default --src resolves against the repository root (../shared/data/<amazon|movielens>).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import csv
+import gzip
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+log = logging.getLogger("prepare")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Plumbing: writing the canonical directory atomically, k-core, bad-input errors
+# ----------------------------------------------------------------------------------------------------------------------
+
+class PrepareError(ValueError):
+    """Bad source input, with the file, line and field that caused it."""
+
+
+def _atomic_write(path: Path, chunks) -> None:
+    """Write text chunks to a temp file and rename it over `path`, so an interrupted run never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            for c in chunks:
+                f.write(c)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_dataset(out: Path, user_names, item_names, u, i, t, items: list[dict]) -> dict:
+    """Write interactions (integer arrays u, i, t indexing user_names / item_names) and item objects.
+
+    Rows are written user by user, chronologically (stable, so ties keep source order); the loader re-sorts anyway.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    u, i, t = np.asarray(u), np.asarray(i), np.asarray(t)
+    order = np.lexsort((np.arange(len(u)), t, u))
+    u, i, t = u[order], i[order], t[order]
+    needs_quoting = any(re.search(r'[,"\r\n]', str(x)) for x in (*user_names, *item_names))
+
+    def rows(chunk=500_000):
+        yield "user_id,item_id,timestamp\n"
+        tt = t.astype(np.int64) if np.all(t == np.floor(t)) else t
+        for s in range(0, len(u), chunk):
+            us, is_, ts = u[s:s + chunk].tolist(), i[s:s + chunk].tolist(), tt[s:s + chunk].tolist()
+            if needs_quoting:
+                buf = io.StringIO()
+                csv.writer(buf, lineterminator="\n").writerows(
+                    (user_names[a], item_names[b], c) for a, b, c in zip(us, is_, ts))
+                yield buf.getvalue()
+            else:
+                yield "".join(f"{user_names[a]},{item_names[b]},{c}\n" for a, b, c in zip(us, is_, ts))
+
+    _atomic_write(out / "interactions.csv", rows())
+    _atomic_write(out / "items.jsonl", (json.dumps(m, ensure_ascii=False) + "\n" for m in items))
+    return {"users": int(len(np.unique(u))), "items": len(items), "interactions": int(len(u)),
+            "items_with_image": sum(1 for m in items if m.get("image"))}
+
+
+def kcore(u: np.ndarray, i: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask of the rows left by an iterative k-core (every kept user and item has >= k rows)."""
+    keep = np.ones(len(u), dtype=bool)
+    if k <= 1:
+        return keep
+    while True:
+        uc = np.bincount(u[keep], minlength=u.max() + 1 if len(u) else 0)
+        ic = np.bincount(i[keep], minlength=i.max() + 1 if len(i) else 0)
+        new = keep & (uc[u] >= k) & (ic[i] >= k)
+        if new.sum() == keep.sum():
+            return keep
+        keep = new
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if str(path).endswith(".gz") else open(path, encoding="utf-8")
+
+
+def _need(path: Path) -> Path:
+    if not path.is_file():
+        raise PrepareError(f"{path}: file not found")
+    return path
+
+
+def _safe_name(item_id: str) -> str:
+    """A file name for an item id; ids with unusual characters get a hash suffix so two never collide."""
+    s = re.sub(r"[^A-Za-z0-9._-]", "_", item_id)
+    return s if s == item_id else f"{s[:80]}_{hashlib.sha1(item_id.encode()).hexdigest()[:8]}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# synthetic: products whose shape/colour/pattern live only in the image, brand/price only in the text, category in
+# both; users with latent tastes over both kinds, Zipf popularity and category-level sequential structure.
+# ----------------------------------------------------------------------------------------------------------------------
+
+CATEGORIES = [("Kitchen", ["mug", "kettle", "bowl", "jar"]), ("Garden", ["planter", "watering can", "lantern", "feeder"]),
+              ("Toys", ["puzzle", "plush toy", "building set", "spinning top"]),
+              ("Beauty", ["lotion", "perfume", "compact", "soap"]),
+              ("Office", ["organizer", "desk lamp", "notebook", "pen holder"]),
+              ("Sports", ["water bottle", "yoga block", "ball", "headband"]),
+              ("Home", ["cushion", "vase", "clock", "candle"]), ("Pets", ["pet bed", "chew toy", "collar", "bowl set"]),
+              ("Travel", ["pouch", "luggage tag", "neck pillow", "toiletry bag"]),
+              ("Music", ["tuner", "capo", "drumsticks", "music stand"])]
+CAT_BACKGROUND = [(235, 235, 235), (205, 225, 250), (210, 240, 210), (250, 235, 205), (230, 215, 245),
+                  (250, 215, 225), (215, 240, 240), (240, 240, 200), (200, 200, 215), (245, 225, 200)]
+COLOURS = {"red": (215, 35, 35), "orange": (245, 135, 20), "yellow": (235, 205, 25), "green": (35, 150, 55),
+           "blue": (35, 75, 205), "purple": (135, 55, 185), "pink": (240, 110, 175), "black": (30, 30, 30)}
+SHAPES = ["circle", "square", "triangle", "diamond", "star", "hexagon"]
+PATTERNS = ["plain", "stripes", "dots", "checks"]
+BRANDS = ["Acme", "Borealis", "Cobalt", "Dune", "Ember", "Fjord", "Granite", "Halcyon", "Ivory", "Juniper", "Kestrel",
+          "Lumen"]
+PRICE_BANDS = [("budget", 3, 15), ("mid-range", 15, 40), ("premium", 40, 100), ("luxury", 100, 300)]
+# why a user picks the next item; the taste-driven reasons are what content (image or text) can explain
+REASONS = {"colour": 0.18, "shape": 0.12, "pattern": 0.08, "brand": 0.17, "price": 0.10, "companion": 0.10,
+           "popular": 0.25}
+
+
+class _Buckets:
+    """Items grouped by an integer key; draws an item of a given key with probability proportional to popularity."""
+
+    def __init__(self, key: np.ndarray, n_keys: int, weight: np.ndarray):
+        self.order = np.argsort(key, kind="stable")
+        self.cw = np.concatenate([[0.0], np.cumsum(weight[self.order])])
+        counts = np.bincount(key, minlength=n_keys)
+        self.end = np.cumsum(counts)
+        self.start = self.end - counts
+
+    def sample(self, keys: np.ndarray, rng) -> np.ndarray:
+        """One item per key; -1 where the bucket is empty."""
+        s, e = self.start[keys], self.end[keys]
+        lo, hi = self.cw[s], self.cw[e]
+        pos = np.searchsorted(self.cw, lo + rng.random(len(keys)) * (hi - lo), side="right") - 1
+        pos = np.clip(pos, s, np.maximum(e - 1, s))
+        return np.where(e > s, self.order[np.minimum(pos, len(self.order) - 1)], -1)
+
+
+def render_product(path: Path, cat: int, colour: str, shape: str, pattern: str, size: int, rng) -> None:
+    """Draw one product photo: category = background, the object's shape, colour and pattern only here."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (size, size), CAT_BACKGROUND[cat])
+    fill = Image.new("RGB", (size, size), COLOURS[colour])
+    d = ImageDraw.Draw(fill)
+    ink = (250, 250, 250) if colour != "yellow" else (60, 60, 60)
+    step = int(size * rng.uniform(0.09, 0.13))
+    if pattern == "stripes":
+        for x in range(-size, size, step):
+            d.line([(x, 0), (x + size, size)], fill=ink, width=max(2, step // 3))
+    elif pattern == "dots":
+        r = max(2, step // 4)
+        for y in range(step // 2, size, step):
+            for x in range(step // 2, size, step):
+                d.ellipse([x - r, y - r, x + r, y + r], fill=ink)
+    elif pattern == "checks":
+        for y in range(0, size, step):
+            for x in range((y // step) % 2 * step, size, 2 * step):
+                d.rectangle([x, y, x + step - 1, y + step - 1], fill=ink)
+    # the object's outline, with a little jitter so two items with the same attributes are different photos
+    cx, cy = size / 2 + rng.uniform(-0.06, 0.06) * size, size / 2 + rng.uniform(-0.06, 0.06) * size
+    r, rot = size * rng.uniform(0.28, 0.38), rng.uniform(-0.25, 0.25)
+    if shape == "circle":
+        pts = None
+    else:  # regular polygons (square = a diamond turned by 45 degrees) and a five-pointed star
+        n, inner, turn = {"square": (4, None, math.pi / 4), "triangle": (3, None, 0.0), "diamond": (4, None, 0.0),
+                          "star": (5, 0.45, 0.0), "hexagon": (6, None, 0.0)}[shape]
+        corners = 2 * n if inner else n
+        pts = []
+        for k in range(corners):
+            rr, ang = r * 1.15 * (inner if inner and k % 2 else 1.0), rot + turn - math.pi / 2 + 2 * math.pi * k / corners
+            pts.append((cx + rr * math.cos(ang), cy + rr * math.sin(ang)))
+    mask = Image.new("L", (size, size), 0)
+    md = ImageDraw.Draw(mask)
+    od = ImageDraw.Draw(img)
+    if pts is None:
+        box = [cx - r, cy - r, cx + r, cy + r]
+        md.ellipse(box, fill=255)
+        img.paste(fill, mask=mask)
+        od.ellipse(box, outline=(40, 40, 40), width=2)
+    else:
+        md.polygon(pts, fill=255)
+        img.paste(fill, mask=mask)
+        od.polygon(pts, outline=(40, 40, 40), width=2)
+    img.save(path, format="PNG", optimize=False)
+
+
+def build_synthetic(a) -> dict:
+    rng = np.random.default_rng(a.seed)
+    n, m, C = a.items, a.users, a.categories
+    if not 1 <= C <= len(CATEGORIES):
+        raise PrepareError(f"--categories must be in 1..{len(CATEGORIES)}, got {C}")
+    if n < 1 or m < 1:
+        raise PrepareError("--items and --users must be positive")
+    K, S, P, B, R = len(COLOURS), len(SHAPES), len(PATTERNS), len(BRANDS), len(PRICE_BANDS)
+
+    # ---- the catalogue: latent attributes and a Zipf-like popularity (random rank per item) ----
+    attrs = {"cat": rng.integers(C, size=n), "colour": rng.integers(K, size=n), "shape": rng.integers(S, size=n),
+             "pattern": rng.integers(P, size=n), "brand": rng.integers(B, size=n), "price": rng.integers(R, size=n)}
+    popularity = 1.0 / (1.0 + rng.permutation(n)) ** a.zipf
+    sizes = {"colour": K, "shape": S, "pattern": P, "brand": B, "price": R}
+    by_cat = _Buckets(attrs["cat"], C, popularity)
+    by_attr = {k: _Buckets(attrs["cat"] * v + attrs[k], C * v, popularity) for k, v in sizes.items()}
+    # a companion item ("bought X, then Y") in the next category: sequential structure an ID model can learn
+    companion = by_cat.sample((attrs["cat"] + 1) % C, rng)
+    companion = np.where(companion >= 0, companion, rng.integers(n, size=n))
+
+    # ---- users: latent tastes over image-only and text-only attributes, then sequences step by step ----
+    taste = {"cat": rng.integers(C, size=m), **{k: rng.integers(v, size=m) for k, v in sizes.items()}}
+    max_len = 50
+    lengths = np.minimum(5 + rng.geometric(1.0 / max(1.0, a.avg_len - 4.0), size=m) - 1, max_len)
+    hist = np.full((m, max_len), -1, dtype=np.int64)
+    reasons, probs = list(REASONS), np.array(list(REASONS.values()))
+    for t in tqdm(range(max_len), desc="synthetic sequences", unit="step", file=sys.stderr, disable=m < 100_000):
+        idx = np.flatnonzero(lengths > t)
+        if len(idx) == 0:
+            break
+        if t == 0:
+            cat = taste["cat"][idx]
+        else:  # category Markov chain: stay, move on to the next category, or return to the favourite
+            prev = attrs["cat"][hist[idx, t - 1]]
+            r = rng.random(len(idx))
+            cat = np.where(r < 0.5, prev, np.where(r < 0.8, (prev + 1) % C, taste["cat"][idx]))
+        why = rng.choice(len(reasons), p=probs, size=len(idx))
+        item = by_cat.sample(cat, rng)
+        for w, name in enumerate(reasons):
+            sel = np.flatnonzero(why == w)
+            if name in sizes:
+                got = by_attr[name].sample(cat[sel] * sizes[name] + taste[name][idx[sel]], rng)
+                item[sel] = np.where(got >= 0, got, item[sel])
+            elif name == "companion" and t > 0:
+                item[sel] = companion[hist[idx[sel], t - 1]]
+        for _ in range(3):  # users rarely buy the same product twice: redraw repeats from the category
+            rep = np.flatnonzero((hist[idx, :t] == item[:, None]).any(1)) if t else np.array([], dtype=np.int64)
+            if len(rep) == 0:
+                break
+            item[rep] = by_cat.sample(cat[rep], rng)
+        item = np.where(item >= 0, item, rng.integers(n, size=len(item)))
+        hist[idx, t] = item
+
+    valid = np.arange(max_len)[None, :] < lengths[:, None]
+    u = np.repeat(np.arange(m), lengths)
+    i = hist[valid]
+    start = rng.integers(0, 10_000_000, size=m)
+    t = (start[:, None] + np.arange(max_len)[None, :] * 3600 + rng.integers(0, 3000, size=(m, max_len)))[valid]
+
+    # ---- item text (brand, price band and category only) and images (category, shape, colour, pattern) ----
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not a.no_images:
+        (out / "images").mkdir(exist_ok=True)
+    colour_names = list(COLOURS)
+    noun_pick = rng.integers(4, size=n)
+    price = np.empty(n)
+    for k, (_, lo, hi) in enumerate(PRICE_BANDS):
+        sel = attrs["price"] == k
+        price[sel] = rng.uniform(lo, hi, size=sel.sum())
+    model_no = rng.integers(100, 1000, size=n)
+    items, truth = [], ["item_id,category,colour,shape,pattern,brand,price_band"]
+    width = len(str(n - 1))
+    for k in tqdm(range(n), desc="synthetic items", unit="item", file=sys.stderr, disable=n < 5000 and a.no_images):
+        c, b, pb = int(attrs["cat"][k]), BRANDS[attrs["brand"][k]], PRICE_BANDS[attrs["price"][k]][0]
+        cname, noun = CATEGORIES[c][0], CATEGORIES[c][1][noun_pick[k]]
+        iid = f"item{k:0{width}d}"
+        meta = {"item_id": iid, "title": f"{b} {noun} {cname[0]}{model_no[k]}", "brand": b, "categories": [cname],
+                "price": f"{price[k]:.2f}", "description": f"A {pb} {noun} from the {b} {cname.lower()} range."}
+        if not a.no_images:
+            col, shp, pat = colour_names[attrs["colour"][k]], SHAPES[attrs["shape"][k]], PATTERNS[attrs["pattern"][k]]
+            render_product(out / "images" / f"{iid}.png", c, col, shp, pat, a.image_size,
+                           np.random.default_rng([a.seed, k]))
+            meta["image"] = f"images/{iid}.png"
+        items.append(meta)
+        truth.append(f"{iid},{cname},{colour_names[attrs['colour'][k]]},{SHAPES[attrs['shape'][k]]},"
+                     f"{PATTERNS[attrs['pattern'][k]]},{b},{pb}")
+    # the generating attributes, for analysis and tests only: no stage reads this file
+    _atomic_write(out / "synthetic_attributes.csv", ("\n".join(truth) + "\n",))
+    uwidth = len(str(m - 1))
+    user_names = [f"user{k:0{uwidth}d}" for k in range(m)]
+    return write_dataset(out, user_names, [it["item_id"] for it in items], u, i, t, items)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# beauty / sports: the standard 5-core split files (one line per user: user item item ..., chronological)
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _read_seq_file(path: Path):
+    users, u, i, t = [], [], [], []
+    with open(_need(path), encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) < 2:
+                raise PrepareError(f"{path}:{lineno}: expected 'user_id item_id item_id ...', got {line.strip()!r}")
+            users.append(parts[0])
+            for pos, iid in enumerate(parts[1:]):
+                u.append(len(users) - 1)
+                i.append(iid)
+                t.append(pos)  # the file is chronological; the position is the only clock it has
+    return users, u, i, t
+
+
+def build_seq_file(a, name: str, titles: Path | None) -> dict:
+    src = Path(a.src)
+    users, u, i, t = _read_seq_file(src / f"{name}.txt")
+    meta: dict[str, dict] = {}
+    if titles is not None:
+        with open(_need(titles), encoding="utf-8", newline="") as f:
+            rows = csv.reader(f, delimiter="\t")
+            header = next(rows, None)
+            if header is None or header[:3] != ["item_id", "asin", "title"]:
+                raise PrepareError(f"{titles}:1: header must be 'item_id<TAB>asin<TAB>title', got {header!r}")
+            for row in rows:
+                if len(row) != 3:
+                    raise PrepareError(f"{titles}:{rows.line_num}: expected 3 tab-separated fields, got {len(row)}")
+                if row[0] in meta:
+                    raise PrepareError(f"{titles}:{rows.line_num}: field 'item_id': duplicate item id {row[0]!r}")
+                meta[row[0]] = {"item_id": row[0], "title": row[2], "asin": row[1]}
+        missing = sorted(set(i) - set(meta), key=lambda s: (len(s), s))
+        if missing:
+            raise PrepareError(f"{titles}: field 'item_id': {len(missing)} item id(s) used in {name}.txt have no "
+                               f"row, e.g. {missing[0]!r}")
+    item_names = sorted(set(i), key=lambda s: (len(s), s))  # numeric ids in numeric order
+    index = {s: k for k, s in enumerate(item_names)}
+    items = [meta.get(s, {"item_id": s}) for s in item_names]
+    return write_dataset(Path(a.out), users, item_names, u, [index[s] for s in i], t, items)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# movielens: ratings as interactions; text = title + genres + most frequent tags; image = the poster
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _read_csv(path: Path, fields: list[str]):
+    with open(_need(path), encoding="utf-8", newline="") as f:
+        rows = csv.reader(f)
+        header = next(rows, None)
+        if header is None or header[:len(fields)] != fields:
+            raise PrepareError(f"{path}:1: header must start with {','.join(fields)}, got {header!r}")
+        for row in rows:
+            if len(row) != len(header):
+                raise PrepareError(f"{path}:{rows.line_num}: expected {len(header)} fields, got {len(row)}: {row!r}")
+            yield rows.line_num, row
+
+
+def build_movielens(a) -> dict:
+    src, out = Path(a.src), Path(a.out)
+    posters = {p.stem for p in (src / "posters").glob("*.jpg")} if (src / "posters").is_dir() else set()
+    uid, u, mv, ts = {}, [], [], []
+    for lineno, (user, movie, _rating, stamp) in _read_csv(src / "ratings.csv", ["userId", "movieId", "rating",
+                                                                                 "timestamp"]):
+        try:
+            ts.append(int(stamp))
+        except ValueError:
+            raise PrepareError(f"{src / 'ratings.csv'}:{lineno}: field 'timestamp': {stamp!r} is not an integer") \
+                from None
+        u.append(uid.setdefault(user, len(uid)))
+        mv.append(movie)
+    movie_names = sorted(set(mv), key=int)
+    mindex = {s: k for k, s in enumerate(movie_names)}
+    u, i, t = np.asarray(u), np.asarray([mindex[s] for s in mv]), np.asarray(ts)
+
+    has_poster = np.array([s in posters for s in movie_names])
+    keep = has_poster[i]
+    if a.top_items:  # the N most-rated movies that have a poster (ties: smaller movieId first)
+        counts = np.bincount(i[keep], minlength=len(movie_names))
+        ranked = sorted((k for k in range(len(movie_names)) if has_poster[k]), key=lambda k: (-counts[k], k))
+        top = np.zeros(len(movie_names), dtype=bool)
+        top[ranked[:a.top_items]] = True
+        keep &= top[i]
+    u, i, t = u[keep], i[keep], t[keep]
+    keep = kcore(u, i, a.kcore)
+    u, i, t = u[keep], i[keep], t[keep]
+    log.info(f"movielens: {keep.sum()} ratings after poster/top-items filter and {a.kcore}-core")
+
+    meta = {row[0]: row for _, row in _read_csv(src / "movies.csv", ["movieId", "title", "genres"])}
+    tags: dict[str, Counter] = defaultdict(Counter)
+    if (src / "tags.csv").is_file():
+        for _, (_user, movie, tag, _stamp) in _read_csv(src / "tags.csv", ["userId", "movieId", "tag", "timestamp"]):
+            if tag.strip():
+                tags[movie][tag.strip().lower()] += 1
+    used = np.unique(i)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    items, new_index = [], np.full(len(movie_names), -1)
+    for k in used:
+        s = movie_names[k]
+        row = meta.get(s)
+        it = {"item_id": s}
+        if row is None:
+            log.warning(f"{src / 'movies.csv'}: movie {s} is rated but has no row; it keeps no text")
+        else:
+            it["title"] = row[1]
+            genres = [g for g in row[2].split("|") if g and g != "(no genres listed)"]
+            if genres:
+                it["categories"] = genres
+        top_tags = sorted(tags.get(s, {}).items(), key=lambda kv: (-kv[1], kv[0]))[:a.tags]
+        if top_tags:
+            it["description"] = "Tags: " + ", ".join(tag for tag, _ in top_tags)
+        dst = out / "images" / f"{s}.jpg"
+        if dst.is_symlink() or dst.exists():
+            dst.unlink()
+        if a.symlink:
+            dst.symlink_to((src / "posters" / f"{s}.jpg").resolve())
+        else:
+            shutil.copyfile(src / "posters" / f"{s}.jpg", dst)
+        it["image"] = f"images/{s}.jpg"
+        new_index[k] = len(items)
+        items.append(it)
+    users = list(uid)
+    return write_dataset(out, users, [it["item_id"] for it in items], u, new_index[i], t, items)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# amazon2023: raw review + metadata JSONL(.gz) of Amazon Reviews 2023; images fetched from the metadata's URLs
+# ----------------------------------------------------------------------------------------------------------------------
+
+RETRY_HTTP = {408, 425, 429, 500, 502, 503, 504}
+
+
+def _image_format(path: Path) -> str | None:
+    """The PIL format name if the file is a decodable image, else None."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            fmt = im.format
+            im.verify()
+        return fmt
+    except Exception:  # any decoder failure means "not a usable image"
+        return None
+
+
+def fetch_image(url: str, cache: Path, timeout: float, retries: int, backoff: float, max_bytes: int):
+    """Return (cached_path, None) or (None, reason). Cached by URL hash; retries transient errors with backoff."""
+    dst = cache / hashlib.sha256(url.encode()).hexdigest()[:32]
+    if dst.is_file() and _image_format(dst):
+        return dst, None
+    reason = "not tried"
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        tmp = dst.with_name(f"{dst.name}.part{os.getpid()}_{attempt}_{id(url)}")
+        try:
+            req = urllib.request.Request(url, headers={"User-Agent": "dmesr-prepare/1.0"})
+            t0 = time.monotonic()
+            with urllib.request.urlopen(req, timeout=timeout) as r, open(tmp, "wb") as f:
+                got = 0
+                while chunk := r.read(65536):
+                    got += len(chunk)
+                    if got > max_bytes:
+                        raise ValueError(f"larger than {max_bytes} bytes")
+                    if time.monotonic() - t0 > timeout:  # a server trickling bytes must not hold a worker forever
+                        raise TimeoutError(f"no complete reply within {timeout}s")
+                    f.write(chunk)
+            if not _image_format(tmp):
+                return None, "corrupt image (cannot be decoded)"  # a complete but broken file will not heal on retry
+            os.replace(tmp, dst)
+            return dst, None
+        except urllib.error.HTTPError as e:
+            reason = f"HTTP {e.code}"
+            if e.code not in RETRY_HTTP:
+                return None, reason
+        except ValueError as e:
+            return None, str(e)
+        except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError, OSError) as e:
+            why = getattr(e, "reason", e)
+            reason = "timeout" if isinstance(why, (TimeoutError, socket.timeout)) else f"{type(why).__name__}: {why}"
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    return None, f"{reason} (after {retries + 1} attempts)"
+
+
+def download_images(jobs: list[tuple[str, str]], out: Path, cache: Path, timeout=10.0, retries=3, backoff=0.5,
+                    workers=8, max_bytes=20_000_000) -> tuple[dict[str, str], list[dict]]:
+    """Fetch (item_id, url) pairs into out/images/ through a local cache with a small thread pool.
+
+    Returns ({item_id: relative image path}, failures); every failure is {item_id, url, reason}.
+    """
+    cache.mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    ok, failures = {}, []
+    with cf.ThreadPoolExecutor(max_workers=workers) as pool:
+        futs = {pool.submit(fetch_image, url, cache, timeout, retries, backoff, max_bytes): (iid, url)
+                for iid, url in jobs}
+        for fut in tqdm(cf.as_completed(futs), total=len(futs), desc="images", unit="img", file=sys.stderr,
+                        disable=len(futs) < 50):
+            iid, url = futs[fut]
+            path, reason = fut.result()
+            if path is None:
+                failures.append({"item_id": iid, "url": url, "reason": reason})
+                continue
+            ext = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp"}.get(_image_format(path), ".img")
+            rel = f"images/{_safe_name(iid)}{ext}"
+            shutil.copyfile(path, out / rel)
+            ok[iid] = rel
+    failures.sort(key=lambda f: f["item_id"])
+    return ok, failures
+
+
+def _main_image_url(images) -> str | None:
+    if not isinstance(images, list) or not images:
+        return None
+    best = next((im for im in images if isinstance(im, dict) and im.get("variant") == "MAIN"), images[0])
+    if not isinstance(best, dict):
+        return None
+    return best.get("large") or best.get("hi_res") or best.get("thumb")
+
+
+def _as_text(v) -> str:
+    if isinstance(v, list):
+        return " ".join(str(x).strip() for x in v if str(x).strip())
+    return "" if v is None else str(v).strip()
+
+
+def _find(path: Path) -> Path:
+    """PATH as given, or PATH.gz / PATH without .gz: the release ships .jsonl.gz, users often unpack it."""
+    for p in (path, Path(str(path) + ".gz"), Path(str(path).removesuffix(".gz"))):
+        if p.is_file():
+            return p
+    raise PrepareError(f"{path}: file not found (nor with/without .gz)")
+
+
+def build_amazon2023(a) -> dict:
+    out = Path(a.out)
+    reviews = _find(Path(a.reviews) if a.reviews else Path(a.src) / f"{a.category}.jsonl")
+    metas = _find(Path(a.meta) if a.meta else Path(a.src) / f"meta_{a.category}.jsonl")
+
+    uid, iid, u, i, t = {}, {}, [], [], []
+    with _open_text(reviews) as f:
+        for lineno, line in enumerate(tqdm(f, desc="reviews", unit="line", file=sys.stderr, mininterval=2), 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PrepareError(f"{reviews}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            item = r.get("parent_asin") or r.get("asin")
+            for name, val in (("user_id", r.get("user_id")), ("parent_asin", item), ("timestamp", r.get("timestamp"))):
+                if val in (None, ""):
+                    raise PrepareError(f"{reviews}:{lineno}: field {name!r} is missing or empty")
+            try:
+                t.append(int(r["timestamp"]))
+            except (TypeError, ValueError):
+                raise PrepareError(f"{reviews}:{lineno}: field 'timestamp': {r['timestamp']!r} is not an integer "
+                                   f"(milliseconds)") from None
+            u.append(uid.setdefault(r["user_id"], len(uid)))
+            i.append(iid.setdefault(item, len(iid)))
+    u, i, t = np.asarray(u, dtype=np.int64), np.asarray(i, dtype=np.int64), np.asarray(t, dtype=np.int64)
+    # one interaction per (user, item): the first one in time (repeat reviews are not repeat purchases)
+    order = np.lexsort((np.arange(len(u)), t, i, u))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (u[order][1:] != u[order][:-1]) | (i[order][1:] != i[order][:-1])
+    keep = np.zeros(len(u), dtype=bool)
+    keep[order[first]] = True
+    log.info(f"amazon2023: {len(u)} reviews, {int((~keep).sum())} repeat (user, item) reviews dropped")
+    u, i, t = u[keep], i[keep], t[keep]
+    keep = kcore(u, i, a.kcore)
+    u, i, t = u[keep], i[keep], t[keep]
+    item_names, user_names = list(iid), list(uid)
+    used = set(np.unique(i).tolist())
+    wanted = {item_names[k] for k in used}
+
+    meta: dict[str, dict] = {}
+    with _open_text(metas) as f:
+        for lineno, line in enumerate(tqdm(f, desc="metadata", unit="line", file=sys.stderr, mininterval=2), 1):
+            if not line.strip():
+                continue
+            try:
+                m = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PrepareError(f"{metas}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            key = m.get("parent_asin") or m.get("asin")
+            if key in wanted and key not in meta:
+                meta[key] = m
+    items, jobs = [], []
+    new_index = np.full(len(item_names), -1)
+    for k in sorted(used):
+        name = item_names[k]
+        m = meta.get(name, {})
+        it = {"item_id": name}
+        if _as_text(m.get("title")):
+            it["title"] = _as_text(m.get("title"))
+        if _as_text(m.get("store")):
+            it["brand"] = _as_text(m.get("store"))
+        cats = [c for c in (m.get("categories") or []) if c] or ([m["main_category"]] if m.get("main_category") else [])
+        if cats:
+            it["categories"] = cats
+        if m.get("price") not in (None, "", "None"):
+            it["price"] = str(m["price"])
+        desc = " ".join(x for x in (_as_text(m.get("features")), _as_text(m.get("description"))) if x)
+        if desc:
+            it["description"] = desc[:a.max_description_chars]
+        url = _main_image_url(m.get("images"))
+        if url and not a.no_images:
+            jobs.append((name, url))
+        new_index[k] = len(items)
+        items.append(it)
+    no_meta = sum(1 for k in used if item_names[k] not in meta)
+    if no_meta:
+        log.warning(f"{metas}: {no_meta} item(s) have no metadata row; they are kept without text")
+
+    failures = []
+    if jobs:
+        cache = Path(a.image_cache) if a.image_cache else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) \
+            / "dmesr" / "amazon2023_images"
+        ok, failures = download_images(jobs, out, cache, a.timeout, a.retries, a.backoff, a.workers)
+        for it in items:
+            if it["item_id"] in ok:
+                it["image"] = ok[it["item_id"]]
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out / "image_failures.jsonl", (json.dumps(f_) + "\n" for f_ in failures))
+        if failures:
+            log.warning(f"{len(failures)} of {len(jobs)} image(s) failed (items keep their text); every failure is "
+                        f"listed in {out / 'image_failures.jsonl'}; reasons: "
+                        f"{dict(Counter(f_['reason'].split(' (')[0] for f_ in failures))}")
+    return write_dataset(out, user_names, [it["item_id"] for it in items], u, new_index[i], t, items)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="source", required=True)
+
+    def add(name, help_, src=None):
+        s = sub.add_parser(name, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        s.add_argument("--out", required=True, help="dataset directory to write")
+        if src:
+            s.add_argument("--src", default=str(SHARED / src), help="source folder")
+        return s
+
+    s = add("synthetic", "deterministic products rendered with Pillow and users with latent tastes")
+    s.add_argument("--items", type=int, default=200, help="catalogue size")
+    s.add_argument("--users", type=int, default=1500, help="number of users")
+    s.add_argument("--avg-len", type=float, default=10.0, help="mean interactions per user (minimum 5, cap 50)")
+    s.add_argument("--categories", type=int, default=6, help=f"number of categories (at most {len(CATEGORIES)})")
+    s.add_argument("--zipf", type=float, default=1.0, help="exponent of the Zipf-like item popularity")
+    s.add_argument("--image-size", type=int, default=128, help="side of the rendered product photos in pixels")
+    s.add_argument("--no-images", action="store_true", help="skip rendering (for very large benchmark catalogues)")
+    s.add_argument("--seed", type=int, default=0, help="everything is a deterministic function of this seed")
+    add("beauty", "Amazon 2014 Beauty 5-core (Beauty.txt) with real titles (Beauty_items.tsv)", "amazon")
+    add("sports", "Amazon 2014 Sports_and_Outdoors 5-core; ID only, no item text", "amazon")
+    s = add("movielens", "MovieLens latest-small with posters", "movielens")
+    s.add_argument("--top-items", type=int, default=0, help="keep the N most-rated movies with a poster (0 = all)")
+    s.add_argument("--kcore", type=int, default=5, help="iterative k-core on users and items after the filter")
+    s.add_argument("--tags", type=int, default=5, help="how many of the most frequent user tags go into the text")
+    s.add_argument("--symlink", action="store_true", help="symlink posters into images/ instead of copying them")
+    s = add("amazon2023", "raw Amazon Reviews 2023 review + metadata JSONL(.gz)", "amazon")
+    s.add_argument("--category", default="All_Beauty", help="with --src: reads CATEGORY.jsonl(.gz), meta_CATEGORY...")
+    s.add_argument("--reviews", default=None, help="review JSONL(.gz) file (overrides --src/--category)")
+    s.add_argument("--meta", default=None, help="metadata JSONL(.gz) file (overrides --src/--category)")
+    s.add_argument("--kcore", type=int, default=5, help="iterative k-core on users and items (0 = none)")
+    s.add_argument("--max-description-chars", type=int, default=2000, help="truncate features+description")
+    s.add_argument("--no-images", action="store_true", help="do not download images")
+    s.add_argument("--image-cache", default=None, help="download cache (default ~/.cache/dmesr/amazon2023_images)")
+    s.add_argument("--timeout", type=float, default=10.0, help="seconds per image request")
+    s.add_argument("--retries", type=int, default=3, help="retries of a transient failure (timeout, 5xx, 429)")
+    s.add_argument("--backoff", type=float, default=0.5, help="first retry delay in seconds; doubles each retry")
+    s.add_argument("--workers", type=int, default=8, help="concurrent downloads")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    t0 = time.time()
+    out = Path(a.out)
+    build = {"synthetic": build_synthetic, "movielens": build_movielens, "amazon2023": build_amazon2023,
+             "beauty": lambda a: build_seq_file(a, "Beauty", Path(a.src) / "Beauty_items.tsv"),
+             "sports": lambda a: build_seq_file(a, "Sports_and_Outdoors", None)}[a.source]
+    counts = build(a)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "prepare_config.json",
+                  (json.dumps({"argv": sys.argv[1:] if argv is None else list(argv), "args": vars(a),
+                               "counts": counts}, indent=2) + "\n",))
+    log.info(f"{a.source}: wrote {out} in {time.time() - t0:.1f}s")
+    print(json.dumps(counts), flush=True)
+    return counts
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except PrepareError as e:
+        sys.exit(f"error: {e}")
