@@ -1,0 +1,711 @@
+"""Stage 4 of DMESR: a sequential recommender (SASRec, GRU4Rec or BERT4Rec) with the dual-view plug-in.
+
+The backbone reads a user's item sequence and scores every item by a dot product with the user's last state. What an
+"item vector" is depends on --views, and that one seam (ItemEncoder) is where DMESR plugs in:
+  id    the plain backbone: a learned ID embedding per item (the baseline);
+  dual  DMESR: two views per item, A = adapter(h_A) and B = adapter(h_B) from stage 3's fused.pt (+ an ID embedding
+        each, --no-id-emb drops it); one shared backbone encodes each view's sequence; the user vector is the concat of
+        the two last states and the item vector the concat of the two view vectors;
+  A, B  one fused view only (ablations).
+`--finetune-fusion` rebuilds stage 3's BiCrossFusion module and trains it end to end with the recommendation loss.
+
+Training: `--loss ce` (softmax over all items at every position) or `--loss bce` (one uniform negative per position).
+Evaluation, leave-one-out: full ranking over all items (primary) and sampled-100 (100 negatives drawn once with
+--eval-seed, uniformly, never an item of the user); HR/NDCG@{5,10,20} and MRR with ties counted against the target;
+early stopping and model selection on validation NDCG@10 (full) only; test evaluated once at the best epoch.
+
+    python 04_train_backbone.py DATA [--backbone sasrec|gru4rec|bert4rec] [--loss ce|bce] [--views auto|id|dual|A|B]
+    torchrun --nproc_per_node N 04_train_backbone.py DATA ...     (DDP: gloo on CPU, NCCL on GPU; rank 0 writes)
+
+Reads DATA/interactions.csv, DATA/items.jsonl and, for the fused views, DATA/fused.pt (or --fused).
+Writes DATA/runs/<name>/results.json (config, validation curve, best epoch, test metrics, groups, throughput) and
+DATA/runs/<name>/model.pt (best-epoch weights; saved each time validation improves, so a crash loses nothing).
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+import common
+from common import log
+
+
+@dataclass
+class Config:
+    data: str = ""
+    """dataset directory (interactions.csv + items.jsonl; fused.pt for the DMESR views)"""
+    backbone: str = "sasrec"
+    """sequential backbone: sasrec | gru4rec | bert4rec"""
+    loss: str = "ce"
+    """ce = softmax over all items at every position; bce = one uniformly sampled negative per position"""
+    views: str = "auto"
+    """item representation: id (plain backbone) | dual (DMESR h_A + h_B) | A | B (one fused view); auto = dual when the fused file exists, else id"""
+    fused: str = ""
+    """stage-3 artifact for the fused views (default DATA/fused.pt; ablation variants are other files)"""
+    id_emb: bool = True
+    """add a learned ID embedding to each fused view's adapter output"""
+    finetune_fusion: bool = False
+    """rebuild stage 3's BiCrossFusion from the fused file and train it end to end with the recommendation loss"""
+    hidden: int = 64
+    """hidden size of the backbone (per view; the dual-view user/item vectors are twice this)"""
+    blocks: int = 2
+    """transformer blocks (sasrec, bert4rec) or GRU layers (gru4rec)"""
+    heads: int = 1
+    """attention heads"""
+    dropout: float = 0.5
+    """dropout on embeddings, attention weights and feed-forward outputs"""
+    max_len: int = 50
+    """longest history the backbone reads (most recent items kept)"""
+    mask_prob: float = 0.2
+    """bert4rec cloze: probability that a position is replaced by the mask token in training"""
+    lr: float = 1e-3
+    """Adam learning rate"""
+    weight_decay: float = 0.0
+    """Adam weight decay"""
+    batch_size: int = 256
+    """user sequences per optimisation step (global batch: split across ranks under torchrun)"""
+    epochs: int = 200
+    """maximum number of epochs"""
+    patience: int = 10
+    """stop after this many evaluations without a better validation NDCG@10"""
+    eval_every: int = 1
+    """epochs between validation evaluations"""
+    eval_batch: int = 1024
+    """users per evaluation batch"""
+    eval_chunk: int = 0
+    """score items in chunks of this many in full-ranking evaluation (0 = all at once); memory ~ eval_batch x chunk"""
+    ce_chunk: int = 0
+    """compute the ce loss over item chunks of this many, recomputed in backward (0 = all at once); memory ~ positions x chunk"""
+    eval_seed: int = 2024
+    """seed of the sampled-100 negatives (fixed and independent of --seed, so every run ranks the same candidates)"""
+    n_neg: int = 100
+    """negatives per user in the sampled protocol"""
+    head_frac: float = 0.2
+    """group metrics: the most popular items (by training interactions) making up this fraction of items are 'head'"""
+    short_len: int = 0
+    """group metrics: users whose history has at most this many items are 'short' (0 = the median)"""
+    attention: str = "sdpa"
+    """attention path: sdpa (torch scaled_dot_product_attention) | plain (masked softmax; for tests and the bench)"""
+    bucket: bool = True
+    """group users of similar length into batches (then shuffle the batches) so trimmed batches carry little padding"""
+    seed: int = 42
+    """training seed (weights, batch order, dropout, negatives, cloze masks)"""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N (under torchrun each rank takes cuda:LOCAL_RANK)"""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default)"""
+    name: str = ""
+    """run name: output goes to DATA/runs/<name>/ (default BACKBONE_LOSS_VIEWS_sSEED)"""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: right-aligned padded matrices, batches, negatives. Built once with numpy; the per-batch path is pure indexing.
+# ----------------------------------------------------------------------------------------------------------------------
+
+def right_aligned(seqs: list[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """[U, length] int64 with each sequence's last `length` items at the right end (0 = padding), and the lengths.
+
+    Right alignment keeps the most recent item in the last column, so trimming a batch to its longest sequence
+    (dropping leading all-padding columns) changes nothing the model computes.
+    """
+    lens = np.fromiter((min(len(s), length) for s in seqs), dtype=np.int64, count=len(seqs))
+    out = np.zeros((len(seqs), length), dtype=np.int64)
+    flat = np.concatenate([s[len(s) - n:] for s, n in zip(seqs, lens)]) if len(seqs) else np.zeros(0, np.int64)
+    rows = np.repeat(np.arange(len(seqs)), lens)
+    cols = length - lens[rows] + (np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens))
+    out[rows, cols] = flat
+    return out, lens
+
+
+def membership(user_rows: np.ndarray, items: np.ndarray, keys: np.ndarray, n_items: int) -> np.ndarray:
+    """True where items[r, j] belongs to user user_rows[r]; `keys` = sorted user * (n_items + 1) + item."""
+    q = user_rows.reshape(-1, *([1] * (items.ndim - 1))) * (n_items + 1) + items
+    pos = np.searchsorted(keys, q).clip(max=len(keys) - 1)
+    return keys[pos] == q
+
+
+def user_item_keys(seqs: list[np.ndarray], n_items: int) -> np.ndarray:
+    lens = np.array([len(s) for s in seqs])
+    return np.unique(np.repeat(np.arange(len(seqs)), lens) * (n_items + 1) + np.concatenate(seqs))
+
+
+def sample_eval_negatives(seqs: list[np.ndarray], n_items: int, n: int, seed: int) -> np.ndarray:
+    """[U, n] distinct negatives per user, uniform over the items the user never interacted with (fixed seed).
+
+    Vectorised rejection sampling: draw with replacement, drop the user's items and repeats (keeping the first
+    occurrence, so the survivors stay a uniform sample without replacement), redraw the rows left short.
+    """
+    rng = np.random.default_rng(seed)
+    keys = user_item_keys(seqs, n_items)
+    out = np.zeros((len(seqs), n), dtype=np.int64)
+    todo, extra = np.arange(len(seqs)), 2 * n + 16
+    while len(todo):
+        cand = rng.integers(1, n_items + 1, size=(len(todo), n + extra))
+        bad = membership(todo, cand, keys, n_items)
+        order = np.argsort(cand, axis=1, kind="stable")
+        srt = np.take_along_axis(cand, order, 1)
+        dup_sorted = np.zeros_like(bad)
+        dup_sorted[:, 1:] = srt[:, 1:] == srt[:, :-1]
+        dup = np.zeros_like(bad)
+        np.put_along_axis(dup, order, dup_sorted, 1)
+        ok = ~bad & ~dup
+        done = ok.sum(1) >= n
+        first = np.argsort(~ok[done], axis=1, kind="stable")[:, :n]  # first n survivors in draw order
+        out[todo[done]] = np.take_along_axis(cand[done], first, 1)
+        todo, extra = todo[~done], extra * 2
+    return out
+
+
+def batch_order(lens: np.ndarray, batch_size: int, rng: np.random.Generator, bucket: bool) -> list[np.ndarray]:
+    """One epoch of (global) batches of row indices. Bucketing sorts 50-batch windows of a random permutation by
+    length, so batches hold similar lengths and trimming removes most padding, then shuffles the batches."""
+    perm = rng.permutation(len(lens))
+    if bucket:
+        w = 50 * batch_size
+        perm = np.concatenate([p[np.argsort(lens[p], kind="stable")] for p in np.split(perm, range(w, len(perm), w))])
+    batches = np.split(perm, range(batch_size, len(perm), batch_size))
+    if bucket:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ALGO: one attention implementation, shared by SASRec (causal) and BERT4Rec (bidirectional)
+# ----------------------------------------------------------------------------------------------------------------------
+
+def attention_mask(valid: torch.Tensor, causal: bool) -> torch.Tensor:
+    """[B, 1, L, L] bool, True = may attend: non-padding keys (and only earlier ones when causal).
+
+    Every query also sees itself, so no row is fully masked: softmax stays finite (no NaN) even for padding queries,
+    which read only their own (zeroed) state and are zeroed again after each block.
+    """
+    L = valid.shape[1]
+    m = valid[:, None, None, :].expand(-1, 1, L, L)
+    if causal:
+        m = m & torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
+    return m | torch.eye(L, dtype=torch.bool, device=valid.device)
+
+
+def attend(q, k, v, mask, dropout: float, impl: str):
+    """softmax(q k^T / sqrt(d) masked) v. 'sdpa' is the fast path; 'plain' is the same maths spelled out."""
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    a = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+    return F.dropout(a, dropout, training=dropout > 0) @ v
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + ffn(LN(x)) (SASRec's point-wise two-layer FFN)."""
+
+    def __init__(self, d: int, heads: int, dropout: float, attention: str):
+        super().__init__()
+        self.heads, self.p, self.attention = heads, dropout, attention
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ffn = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d, d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, mask):
+        B, L, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = attend(q, k, v, mask, self.p if self.training else 0.0, self.attention)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, d)))
+        return x + self.drop(self.ffn(self.ln2(x)))
+
+
+class Transformer(nn.Module):
+    """SASRec (causal=True) and BERT4Rec (causal=False): learned positions, pre-LN blocks, padding kept at zero."""
+
+    def __init__(self, d, blocks, heads, dropout, max_len, causal, attention):
+        super().__init__()
+        self.causal, self.scale = causal, math.sqrt(d)
+        self.pos = nn.Embedding(max_len, d)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(d, heads, dropout, attention) for _ in range(blocks))
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, x, valid):  # x [B, L, d] item vectors, valid [B, L] -> [B, L, d]
+        L = x.shape[1]
+        keep = valid[..., None].to(x.dtype)
+        # right-aligned: column j of a batch trimmed to L columns is absolute position max_len - L + j
+        x = self.drop(x * self.scale + self.pos.weight[-L:]) * keep
+        mask = attention_mask(valid, self.causal)
+        for b in self.blocks:
+            x = b(x, mask) * keep
+        return self.ln(x) * keep
+
+
+class GRU(nn.Module):
+    """GRU4Rec: a GRU over the sequence. Rows are rotated so padding comes last while the GRU runs, which makes each
+    output independent of how much padding the batch has (and trivially causal)."""
+
+    def __init__(self, d, layers, dropout):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.gru = nn.GRU(d, d, num_layers=layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
+
+    def forward(self, x, valid):
+        L = x.shape[1]
+        shift = valid.sum(1, keepdim=True)  # right-aligned length
+        left = (torch.arange(L, device=x.device) + L - shift) % L  # left-aligned position j reads column left[j]
+        xl = x.gather(1, left[..., None].expand_as(x))
+        h, _ = self.gru(self.drop(xl))
+        back = (torch.arange(L, device=x.device) + shift) % L  # inverse rotation
+        return self.drop(h.gather(1, back[..., None].expand_as(h))) * valid[..., None].to(h.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ALGO: the item-representation seam (plain ID embeddings, or DMESR's dual view) and the recommender around it
+# ----------------------------------------------------------------------------------------------------------------------
+
+def load_fusion_module(fused: dict) -> nn.Module:
+    """Stage 3's BiCrossFusion rebuilt from fused.pt (module_config + module_state), for --finetune-fusion."""
+    mod = importlib.import_module("03_fuse").BiCrossFusion(**fused["module_config"])
+    mod.load_state_dict(fused["module_state"])
+    return mod
+
+
+class ItemEncoder(nn.Module):
+    """Item ids -> one vector per view, [..., V, d]. Id 0 (padding) maps to zeros; id N+1 is BERT4Rec's mask token.
+
+    Views: ["id"] (ID embedding only) or a subset of ["A", "B"]: adapter(h_view) (+ ID embedding), where h_A / h_B
+    are stage 3's fused representations, read from the frozen tables or recomputed by the fine-tuned fusion module.
+    """
+
+    def __init__(self, n_items: int, d: int, views: list[str], fused: dict | None, id_emb: bool, finetune: bool):
+        super().__init__()
+        self.n, self.d, self.views = n_items, d, views
+        V = len(views)
+        self.emb = nn.Embedding(n_items + 2, V * d, padding_idx=0) if (id_emb or views == ["id"]) else None
+        if self.emb is not None:
+            nn.init.normal_(self.emb.weight, std=d ** -0.5)
+            with torch.no_grad():
+                self.emb.weight[0].zero_()
+        self.mask_vec = nn.Parameter(torch.randn(V, d) * d ** -0.5)
+        self.fusion = None
+        if views != ["id"]:
+            df = fused["h_A"].shape[1]
+            self.adapters = nn.ModuleList(nn.Linear(df, d) for _ in views)
+            if finetune:
+                self.fusion = load_fusion_module(fused)
+                # inputs are data, not weights: kept out of model.pt (persistent=False); fused.pt holds them
+                for k in ("coarse", "coarse_mask", "fine", "fine_mask"):
+                    self.register_buffer("in_" + k, fused["inputs"][k], persistent=False)
+            else:
+                h = torch.stack([fused["h_" + v].float() for v in views], 1)  # [N, V, df]
+                h = h / h.norm(dim=-1).mean().clamp_min(1e-8)  # unit mean norm: the adapter's scale does not depend on stage 3
+                self.register_buffer("h", torch.cat([h.new_zeros(1, V, df), h, h.new_zeros(1, V, df)]),
+                                     persistent=False)
+
+    def semantic(self, ids):  # [...] -> [..., V, df]
+        if self.fusion is None:
+            return self.h[ids]
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        rows = (uniq - 1).clamp(0, self.n - 1)  # pad / mask rows are computed on item 1 and zeroed below
+        hA, hB = self.fusion(self.in_coarse[rows], self.in_coarse_mask[rows], self.in_fine[rows].float(),
+                             self.in_fine_mask[rows])
+        h = torch.stack([{"A": hA, "B": hB}[v] for v in self.views], 1)
+        h = h * ((uniq >= 1) & (uniq <= self.n))[:, None, None].to(h.dtype)
+        return h[inv]
+
+    def forward(self, ids):
+        shape = (*ids.shape, len(self.views), self.d)
+        x = self.emb(ids).view(shape) if self.emb is not None else 0
+        if self.views != ["id"]:
+            h = self.semantic(ids)
+            x = x + torch.stack([a(h[..., i, :]) for i, a in enumerate(self.adapters)], -2)
+        x = torch.where((ids == self.n + 1)[..., None, None], self.mask_vec, x)
+        return x * (ids != 0)[..., None, None].to(x.dtype)
+
+
+class Recommender(nn.Module):
+    """User state = backbone over each view's sequence of item vectors, concatenated; score = dot with item vectors."""
+
+    def __init__(self, cfg: Config, n_items: int, views: list[str], fused: dict | None):
+        super().__init__()
+        self.n = n_items
+        self.items = ItemEncoder(n_items, cfg.hidden, views, fused, cfg.id_emb, cfg.finetune_fusion)
+        if cfg.backbone == "gru4rec":
+            self.backbone = GRU(cfg.hidden, cfg.blocks, cfg.dropout)
+        else:
+            self.backbone = Transformer(cfg.hidden, cfg.blocks, cfg.heads, cfg.dropout, cfg.max_len,
+                                        causal=cfg.backbone == "sasrec", attention=cfg.attention)
+
+    def forward(self, seq, all_items: bool):
+        """Training entry point (what DDP wraps): states, plus every item's vectors when the loss needs them all,
+        computed once per step and shared by the input sequence and the output layer."""
+        vecs = self.all_vectors() if all_items else None
+        return self.states(seq, vecs), vecs
+
+    def states(self, seq, vecs=None):
+        """seq [B, L] item ids (right-aligned) -> [B, L, V*d]; position t depends on items <= t unless bidirectional.
+        `vecs` = precomputed item vectors for every id (saves re-encoding the items when the loss needs them all)."""
+        x = vecs[seq] if vecs is not None else self.items(seq)  # [B, L, V, d]
+        B, L, V, d = x.shape
+        h = self.backbone(x.transpose(1, 2).reshape(B * V, L, d), (seq != 0).repeat_interleave(V, 0))
+        return h.view(B, V, L, d).transpose(1, 2).reshape(B, L, V * d)
+
+    def all_vectors(self):  # [N + 2, V, d] for ids 0..N+1
+        return self.items(torch.arange(self.n + 2, device=self.items.mask_vec.device))
+
+    def table(self, vecs=None):  # [N, V*d]: the scoring vectors of items 1..N (padding and mask token excluded)
+        v = self.all_vectors() if vecs is None else vecs
+        return v[1:self.n + 1].flatten(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ALGO: losses
+# ----------------------------------------------------------------------------------------------------------------------
+
+def ce_loss_sum(h, table, target, chunk: int):
+    """Sum over positions of -log softmax(h . table)[target]. With chunk > 0 the log-sum-exp runs over item chunks
+    whose logits are recomputed in backward, so memory is positions x chunk rather than positions x items."""
+    if chunk <= 0 or chunk >= table.shape[0]:
+        return F.cross_entropy(h @ table.T, target - 1, reduction="sum")
+    lse = torch.stack([checkpoint(lambda a, w: torch.logsumexp(a @ w.T, 1), h, table[c:c + chunk],
+                                  use_reentrant=False) for c in range(0, table.shape[0], chunk)], 1)
+    return (torch.logsumexp(lse, 1) - (h * table[target - 1]).sum(-1)).sum()
+
+
+def bce_loss_sum(h, model, target, neg, vecs):
+    pos_v = vecs[target].flatten(1) if vecs is not None else model.items(target).flatten(1)
+    neg_v = vecs[neg].flatten(1) if vecs is not None else model.items(neg).flatten(1)
+    pos_s, neg_s = (h * pos_v).sum(-1), (h * neg_v).sum(-1)
+    return F.softplus(-pos_s).sum() + F.softplus(neg_s).sum()  # = BCE(pos, 1) + BCE(neg, 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ALGO: evaluation (one ranking function, one metrics function)
+# ----------------------------------------------------------------------------------------------------------------------
+
+KS = (5, 10, 20)
+
+
+def rank_metrics(ranks) -> dict:
+    """HR@k, NDCG@k (one relevant item: 1/log2(1 + rank) when rank <= k) and MRR from 1-based ranks."""
+    r = np.asarray(ranks, dtype=np.float64)
+    if len(r) == 0:
+        return {}
+    out = {}
+    for k in KS:
+        hit = r <= k
+        out[f"HR@{k}"] = float(hit.mean())
+        out[f"NDCG@{k}"] = float((hit / np.log2(r + 1)).mean())
+    out["MRR"] = float((1 / r).mean())
+    return out
+
+
+def full_ranks(h, table, target, chunk: int = 0) -> torch.Tensor:
+    """rank = 1 + #{items scoring above the target} + #{other items scoring exactly the same} (ties count against)."""
+    if chunk <= 0 or chunk >= table.shape[0]:
+        s = h @ table.T
+        return (s >= s.gather(1, target[:, None] - 1)).sum(1)
+    # the target's score from the same kind of matmul; its own entry is then discounted by index, not by value
+    t = (h @ table[target - 1].T).diagonal()[:, None]
+    r = torch.zeros(len(h), dtype=torch.long, device=h.device)
+    rows = torch.arange(len(h), device=h.device)
+    for c in range(0, table.shape[0], chunk):
+        s = h @ table[c:c + chunk].T
+        r += (s >= t).sum(1)
+        own = (target - 1 >= c) & (target - 1 < c + chunk)
+        r[own] -= (s[rows[own], target[own] - 1 - c] >= t[own, 0]).long()
+    return r + 1
+
+
+def sampled_ranks(h, table, target, negs) -> torch.Tensor:
+    """Rank of the target among itself + its fixed negatives (same tie rule), scored by one batched matmul."""
+    cand = torch.cat([target[:, None], negs], 1) - 1
+    s = torch.bmm(table[cand], h[:, :, None])[..., 0]
+    return 1 + (s[:, 1:] >= s[:, :1]).sum(1)
+
+
+@torch.no_grad()
+def evaluate(model, hist, target, negs, cfg, device, bert: bool, rank=0, world=1):
+    """Ranks of `target` given right-aligned histories `hist` ([E, L] numpy); users sharded across ranks."""
+    was = model.training
+    model.eval()
+    vecs = model.all_vectors()
+    table = vecs[1:model.n + 1].flatten(1)
+    mine = np.arange(rank, len(hist), world)
+    out_f, out_s = [], []
+    for b in range(0, len(mine), cfg.eval_batch):
+        idx = mine[b:b + cfg.eval_batch]
+        x = torch.from_numpy(hist[idx]).to(device)
+        if bert:  # BERT4Rec predicts the mask token appended after the history
+            x = torch.cat([x, torch.full_like(x[:, :1], model.n + 1)], 1)
+        x = x[:, (x != 0).any(0).nonzero()[0, 0]:]  # trim all-padding leading columns
+        h = model.states(x, vecs)[:, -1]
+        t = torch.from_numpy(target[idx]).to(device)
+        out_f.append(full_ranks(h, table, t, cfg.eval_chunk).cpu())
+        out_s.append(sampled_ranks(h, table, t, torch.from_numpy(negs[idx]).to(device)).cpu())
+    rf = torch.cat(out_f).numpy() if out_f else np.zeros(0, np.int64)
+    rs = torch.cat(out_s).numpy() if out_s else np.zeros(0, np.int64)
+    if world > 1:  # every rank gets every rank's shard, so all ranks take the same early-stopping decision
+        parts = [None] * world
+        dist.all_gather_object(parts, (mine, rf, rs))
+        full_r, samp_r = np.zeros(len(hist), np.int64), np.zeros(len(hist), np.int64)
+        for m, a, b in parts:
+            full_r[m], samp_r[m] = a, b
+        rf, rs = full_r, samp_r
+    model.train(was)
+    return rf, rs
+
+
+def protocol_metrics(rf, rs) -> dict:
+    return {"full": rank_metrics(rf), "sampled100": rank_metrics(rs)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Plumbing: run setup (views, distributed), checkpointing
+# ----------------------------------------------------------------------------------------------------------------------
+
+def resolve_views(cfg: Config) -> tuple[list[str], dict | None, Path | None, str]:
+    data = Path(cfg.data)
+    fused_path = Path(cfg.fused) if cfg.fused else data / "fused.pt"
+    mode = cfg.views if cfg.views != "auto" else ("dual" if fused_path.is_file() else "id")
+    views = {"id": ["id"], "dual": ["A", "B"], "A": ["A"], "B": ["B"]}.get(mode)
+    if views is None:
+        raise SystemExit(f"--views {cfg.views!r}: expected auto, id, dual, A or B")
+    if cfg.backbone not in ("sasrec", "gru4rec", "bert4rec"):
+        raise SystemExit(f"--backbone {cfg.backbone!r}: expected sasrec, gru4rec or bert4rec")
+    if cfg.loss not in ("ce", "bce"):
+        raise SystemExit(f"--loss {cfg.loss!r}: expected ce or bce")
+    if cfg.hidden % cfg.heads:
+        raise SystemExit(f"--hidden {cfg.hidden} must be divisible by --heads {cfg.heads}")
+    return views, None, (fused_path if views != ["id"] else None), mode
+
+
+def load_fused(path: Path, ds: common.Dataset) -> dict:
+    fused = common.load_artifact(path, "fused", fingerprint=ds.fingerprint)
+    if list(fused["item_ids"]) != ds.item_ids:
+        raise common.ArtifactError(f"{path}: item_ids differ from {ds.root}/items.jsonl; rerun stages 1-3")
+    for k in ("h_A", "h_B"):
+        if tuple(fused[k].shape[:1]) != (ds.n_items,):
+            raise common.ArtifactError(f"{path}: field '{k}' has shape {tuple(fused[k].shape)}, expected "
+                                       f"[{ds.n_items}, d]")
+    return fused
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train(cfg: Config) -> dict:
+    # ---- distributed plumbing: torchrun sets these; a plain run is world 1 and takes no collective call ----
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = common.pick_device(cfg.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if rank != 0:
+            log.setLevel("WARNING")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    common.seed_everything(cfg.seed)
+
+    views, _, fused_path, mode = resolve_views(cfg)
+    ds = common.load_dataset(cfg.data, check_images=False)
+    fused = load_fused(fused_path, ds) if fused_path else None
+    name = cfg.name or f"{cfg.backbone}_{cfg.loss}_{mode}_s{cfg.seed}"
+    out_dir = Path(cfg.data) / "runs" / name
+    log.info(f"dataset {cfg.data}: {ds.report} fingerprint {ds.fingerprint}; views {mode} {views}"
+             + (f" from {fused_path}" if fused_path else "") + f"; world {world}, device {device}")
+    common.log_config(cfg)
+
+    # ---- data (plumbing) ----
+    N, bert = ds.n_items, cfg.backbone == "bert4rec"
+    train_seqs, eval_users = ds.split()
+    L = cfg.max_len
+    if bert:  # cloze: every training sequence is input and target at once
+        tr, tr_len = right_aligned(train_seqs, L)
+    else:  # next item: input = items[:-1], target = items[1:]
+        tr, tr_len = right_aligned(train_seqs, L + 1)
+        tr_len = tr_len - 1
+    keep = tr_len >= 1  # users with something to predict
+    tr, tr_len, tr_users = tr[keep], tr_len[keep], np.flatnonzero(keep)
+    keys = user_item_keys(train_seqs, N)  # bce negatives avoid the user's training items
+    hist_len = L - 1 if bert else L
+    val_hist, _ = right_aligned([train_seqs[u] for u in eval_users], hist_len)
+    val_tgt = np.array([ds.seqs[u][-2] for u in eval_users], dtype=np.int64)
+    # test inputs/targets are built here but read only once, after training, by the best-epoch model
+    test_hist, _ = right_aligned([ds.seqs[u][:-1] for u in eval_users], hist_len)
+    test_tgt = np.array([ds.seqs[u][-1] for u in eval_users], dtype=np.int64)
+    n_neg = min(cfg.n_neg, N - max((len(np.unique(ds.seqs[u])) for u in eval_users), default=0))
+    negs = sample_eval_negatives([ds.seqs[u] for u in eval_users], N, n_neg, cfg.eval_seed)
+    if n_neg < cfg.n_neg:
+        log.warning(f"only {n_neg} negatives per user fit this catalogue (asked {cfg.n_neg})")
+
+    # ---- model and optimiser ----
+    model = Recommender(cfg, N, views, fused).to(device)
+    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    log.info(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; {len(tr)} training sequences, "
+             f"{len(eval_users)} evaluation users, {n_neg} sampled negatives each")
+    if cfg.batch_size < world:
+        raise SystemExit(f"--batch-size {cfg.batch_size} is smaller than the number of ranks {world}")
+
+    def step_loss(rows: np.ndarray, n_global: int) -> torch.Tensor:
+        """Loss of this rank's rows of the global batch, normalised by the global number of predicted positions so
+        that DDP's gradient average equals the single-process gradient of the whole batch."""
+        Lb = int(tr_len[rows].max()) if len(rows) else 1
+        x = torch.from_numpy(tr[rows][:, -(Lb + (0 if bert else 1)):]).to(device)
+        need_all = cfg.loss == "ce" or model.items.fusion is None  # cheap unless the fusion module is fine-tuned
+        if bert:
+            m = torch.from_numpy(cloze[rows][:, -Lb:]).to(device)
+            inp, tgt, pos = x.masked_fill(m, N + 1), x, m
+        else:
+            inp, tgt = x[:, :-1], x[:, 1:]
+            pos = inp != 0
+        h, vecs = ddp(inp, need_all)
+        h, t = h[pos], tgt[pos]  # only non-padding (or masked) positions reach the output layer
+        if cfg.loss == "ce":
+            loss = ce_loss_sum(h, model.table(vecs), t, cfg.ce_chunk)
+        else:
+            neg = torch.from_numpy(negatives[rows][:, -Lb:]).to(device)[pos]
+            loss = bce_loss_sum(h, model, t, neg, vecs)
+        return loss * (world / max(n_global, 1))
+
+    # ---- training loop ----
+    curve, best, best_epoch, best_state, bad = [], -1.0, 0, None, 0
+    train_s, seqs_seen = 0.0, 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for epoch in range(1, cfg.epochs + 1):
+        rng = np.random.default_rng([cfg.seed, epoch])  # the same stream on every rank: same global batches
+        t0 = time.perf_counter()
+        ddp.train()
+        # per-epoch randomness drawn for all sequences at once (vectorised): cloze masks and bce negatives
+        width = tr.shape[1] - (0 if bert else 1)
+        valid_pos = (tr[:, -width:] != 0) if bert else (tr[:, :-1] != 0)
+        if bert:
+            cloze = (rng.random(tr.shape) < cfg.mask_prob) & valid_pos
+            cloze[~cloze.any(1), -1] = True  # at least one prediction per sequence: the last item
+        if cfg.loss == "bce":
+            negatives = rng.integers(1, N + 1, size=(len(tr), width))
+            for _ in range(10):  # resample the few draws that hit one of the user's own items
+                hit = membership(tr_users, negatives, keys, N) & valid_pos
+                if not hit.any():
+                    break
+                negatives[hit] = rng.integers(1, N + 1, size=int(hit.sum()))
+        batches = batch_order(tr_len, cfg.batch_size, rng, cfg.bucket)
+        total, n_pos = 0.0, 0
+        bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, unit="batch", disable=rank != 0, mininterval=2)
+        for gb in bar:
+            counts = (cloze[gb].sum() if bert else (tr_len[gb]).sum())
+            rows = gb[rank::world]  # DistributedSampler-style stride over the global batch
+            loss = step_loss(rows, int(counts))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * int(counts) / world
+            n_pos += int(counts)
+            bar.set_postfix(loss=f"{total / max(n_pos, 1):.4f}", refresh=False)
+        if world > 1:
+            t_loss = torch.tensor([total], dtype=torch.float64, device=device)
+            dist.all_reduce(t_loss)
+            total = float(t_loss)
+        dt = time.perf_counter() - t0
+        train_s += dt
+        seqs_seen += len(tr)
+        row = {"epoch": epoch, "loss": total / max(n_pos, 1), "train_seconds": dt, "seq_per_s": len(tr) / dt}
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            te = time.perf_counter()
+            rf, rs = evaluate(model, val_hist, val_tgt, negs, cfg, device, bert, rank, world)
+            row["valid"] = protocol_metrics(rf, rs)
+            row["eval_seconds"] = time.perf_counter() - te
+            score = row["valid"]["full"]["NDCG@10"]
+            if score > best:
+                best, best_epoch, bad = score, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+                if rank == 0:
+                    save_checkpoint(out_dir / "model.pt", model, cfg, ds, views, best_epoch)
+            else:
+                bad += 1
+            log.info(f"epoch {epoch:3d} loss {row['loss']:.4f} valid NDCG@10 {score:.4f} HR@10 "
+                     f"{row['valid']['full']['HR@10']:.4f} (best {best:.4f} @ {best_epoch}) | "
+                     f"{row['seq_per_s']:.0f} seq/s, train {dt:.1f}s, eval {len(val_tgt) / row['eval_seconds']:.0f} users/s")
+        else:
+            log.info(f"epoch {epoch:3d} loss {row['loss']:.4f} | {row['seq_per_s']:.0f} seq/s, train {dt:.1f}s")
+        curve.append(row)
+        if bad >= cfg.patience:
+            log.info(f"no validation improvement in {cfg.patience} evaluations: stopping")
+            break
+
+    # ---- test, once, with the best-epoch weights ----
+    model.load_state_dict(best_state)
+    rf, rs = evaluate(model, test_hist, test_tgt, negs, cfg, device, bert, rank, world)
+    test = protocol_metrics(rf, rs)
+    test["groups"] = group_metrics(rf, rs, train_seqs, eval_users, test_hist, test_tgt, N, cfg)
+    results = {
+        "config": asdict(cfg), "backbone": cfg.backbone, "loss": cfg.loss, "views": mode, "seed": cfg.seed,
+        "fused": str(fused_path) if fused_path else None,
+        "dataset": {"path": str(Path(cfg.data).resolve()), "fingerprint": ds.fingerprint, "report": ds.report},
+        "protocol": {"split": "leave-one-out (last item test, second-to-last validation)",
+                     "full": f"rank among all {N} items (padding excluded), ties counted against the target",
+                     "sampled100": f"rank among the target + {n_neg} uniform negatives the user never interacted "
+                                   f"with, drawn once with seed {cfg.eval_seed}",
+                     "selection": "early stopping and best epoch on validation NDCG@10 (full); test evaluated once"},
+        "world_size": world, "epochs_run": len(curve), "best_epoch": best_epoch,
+        "valid": next(r["valid"] for r in curve if r["epoch"] == best_epoch), "test": test, "curve": curve,
+        "train_seconds": train_s, "sequences_per_second": seqs_seen / max(train_s, 1e-9),
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+    if rank == 0:
+        save_checkpoint(out_dir / "model.pt", model, cfg, ds, views, best_epoch)
+        tmp = out_dir / ".results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, out_dir / "results.json")
+        t = test["full"]
+        log.info(f"test (best epoch {best_epoch}): full NDCG@10 {t['NDCG@10']:.4f} HR@10 {t['HR@10']:.4f} | "
+                 f"sampled-{n_neg} NDCG@10 {test['sampled100']['NDCG@10']:.4f} HR@10 "
+                 f"{test['sampled100']['HR@10']:.4f} -> {out_dir}/results.json")
+    if world > 1:
+        dist.destroy_process_group()
+    return results
+
+
+def group_metrics(rf, rs, train_seqs, eval_users, hist, target, N, cfg) -> dict:
+    """Long-tail groups: tail vs head target items (training popularity), short vs long users (history length)."""
+    pop = np.bincount(np.concatenate(train_seqs), minlength=N + 1)[1:]
+    n_head = max(1, int(round(cfg.head_frac * N)))
+    head = np.zeros(N + 1, dtype=bool)
+    head[1 + np.argsort(-pop, kind="stable")[:n_head]] = True
+    hl = (hist != 0).sum(1)
+    short_len = cfg.short_len or int(np.median(hl))
+    groups = {"head_items": head[target], "tail_items": ~head[target], "short_users": hl <= short_len,
+              "long_users": hl > short_len}
+    out = {g: {"users": int(m.sum()), **protocol_metrics(rf[m], rs[m])} for g, m in groups.items()}
+    out["definition"] = {"head_items": f"top {cfg.head_frac:.0%} of items by training interactions ({n_head})",
+                         "short_users": f"test history of at most {short_len} items"}
+    return out
+
+
+def save_checkpoint(path, model, cfg, ds, views, best_epoch):
+    common.save_artifact(path, "backbone", {"state_dict": model.state_dict(), "views": views,
+                                            "n_items": ds.n_items, "item_ids": ds.item_ids,
+                                            "best_epoch": best_epoch}, cfg, ds.fingerprint)
+
+
+if __name__ == "__main__":
+    common.setup_logging()
+    train(common.parse_config(Config, description=__doc__.split("\n\n")[0]))
