@@ -74,6 +74,8 @@ class Config:
     """random seed (init, batch order, dropout)"""
     device: str = "auto"
     """cpu, cuda, cuda:1 or auto"""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default; 1 is much faster when other jobs share the cores)"""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -146,9 +148,15 @@ class BiCrossFusion(nn.Module):
 
     def forward(self, coarse, coarse_mask, fine, fine_mask):
         dtype = self.coarse_proj.weight.dtype
+        coarse_mask, fine_mask = coarse_mask.bool(), fine_mask.bool()
+        # token columns padded in every item of the batch change nothing (masked keys, unpooled queries): drop them,
+        # since titles are much shorter than the encoder's max length and the tokens dominate the cost
+        cols = fine_mask.any(0).nonzero()[:, 0]
+        if len(cols) < fine_mask.shape[1]:
+            cols = cols if len(cols) else cols.new_zeros(1)
+            fine, fine_mask = fine[:, cols], fine_mask[:, cols]
         c = self.coarse_proj(coarse.to(dtype)) + self.view_type
         f = self.fine_proj(fine.to(dtype))
-        coarse_mask, fine_mask = coarse_mask.bool(), fine_mask.bool()
         if self.cross:
             a = self.coarse_from_fine(c, f, fine_mask)   # coarse <- fine
             b = self.fine_from_coarse(f, c, coarse_mask)  # fine <- coarse
@@ -254,6 +262,8 @@ def main(argv=None):
     common.log_config(cfg)
     common.seed_everything(cfg.seed)
     device = common.pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     data = Path(cfg.data)
     ds = common.load_dataset(data, check_images=False)
     sem_path = Path(cfg.semantics or data / "semantics.pt")

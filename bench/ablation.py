@@ -1,0 +1,163 @@
+"""The DMESR comparison: plain backbone vs DMESR vs each ablation, several seeds, mean ± std, one markdown table.
+
+    python bench/ablation.py DATA --backbone sasrec --seeds 42,43,44 [--loss ce] [--finetune] [--train-args "..."]
+
+Runs what is missing, in order: stage 2 (DATA/aligned.pt) and the stage-3 variants (fused.pt; fused_noalign.pt with
+--no-align; fused_nocross.pt with --no-cross), then stage 4 once per (variant, seed):
+  plain backbone (--views id) | DMESR (--views dual) | w/o alignment | w/o cross-attention fusion |
+  MLLM view only (--views A) | original-text view only (--views B) | [DMESR + --finetune-fusion]
+A finished run (DATA/runs/<name>/results.json) is reused, so an interrupted comparison resumes where it stopped.
+Writes bench/results/<dataset>_<backbone>[_<loss>][_<tag>].md: test metrics, full ranking over all items (the primary
+protocol), overall and on tail items, mean ± sample std over the seeds, with protocol, loss, dataset and seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import load_run, metrics  # noqa: E402  (one reader of results.json)
+
+# name, label, stage-4 flags, stage-3 artifact it needs (None = none)
+VARIANTS = [
+    ("id", "plain backbone (ID only)", ["--views", "id"], None),
+    ("dmesr", "DMESR (dual view)", ["--views", "dual", "--fused", "{data}/fused.pt"], "fused.pt"),
+    ("noalign", "w/o alignment", ["--views", "dual", "--fused", "{data}/fused_noalign.pt"], "fused_noalign.pt"),
+    ("nocross", "w/o cross-attention fusion", ["--views", "dual", "--fused", "{data}/fused_nocross.pt"],
+     "fused_nocross.pt"),
+    ("A", "MLLM view only (h_A)", ["--views", "A", "--fused", "{data}/fused.pt"], "fused.pt"),
+    ("B", "original-text view only (h_B)", ["--views", "B", "--fused", "{data}/fused.pt"], "fused.pt"),
+]
+FINETUNE = ("dmesr_ft", "DMESR + fine-tuned fusion", ["--views", "dual", "--fused", "{data}/fused.pt",
+                                                      "--finetune-fusion"], "fused.pt")
+STAGE3_FLAGS = {"fused.pt": [], "fused_noalign.pt": ["--no-align"], "fused_nocross.pt": ["--no-cross"]}
+COLUMNS = ["NDCG@10", "HR@10", "MRR"]
+
+
+def run(cmd: list[str], log_path: Path) -> None:
+    """Run one stage with nice (the CPU is shared), its output to a log file; stop with the log's tail on failure."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"$ {shlex.join(cmd)}  > {log_path}", flush=True)
+    t0 = time.time()
+    with open(log_path, "w") as f:
+        p = subprocess.run(["nice", "-n", "10", sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if p.returncode != 0:
+        tail = log_path.read_text()[-3000:]
+        raise SystemExit(f"failed ({p.returncode}) after {time.time() - t0:.0f}s: {shlex.join(cmd)}\n{tail}")
+    print(f"  done in {time.time() - t0:.0f}s", flush=True)
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("data", help="dataset directory with semantics.pt (stage 1)")
+    p.add_argument("--backbone", default="sasrec", help="sasrec | gru4rec | bert4rec")
+    p.add_argument("--seeds", default="42,43,44", help="comma-separated stage-4 seeds")
+    p.add_argument("--loss", default="ce", help="ce | bce")
+    p.add_argument("--finetune", action="store_true", help="also run DMESR with --finetune-fusion")
+    p.add_argument("--variants", default="", help="comma-separated subset of: " + ",".join(v[0] for v in VARIANTS)
+                   + ",dmesr_ft (default: all, dmesr_ft only with --finetune)")
+    p.add_argument("--train-args", default="", help="extra flags passed to every stage-4 run (quoted)")
+    p.add_argument("--fuse-args", default="", help="extra flags passed to every stage-3 run (quoted)")
+    p.add_argument("--tag", default="", help="suffix for run names and the result file (a design-choice experiment)")
+    p.add_argument("--rerun-stage3", action="store_true", help="rebuild the stage-2/3 artifacts even if present")
+    a = p.parse_args(argv)
+
+    data = Path(a.data)
+    seeds = [int(s) for s in a.seeds.split(",") if s]
+    variants = VARIANTS + ([FINETUNE] if a.finetune else [])
+    if a.variants:
+        want = a.variants.split(",")
+        variants = [v for v in VARIANTS + [FINETUNE] if v[0] in want]
+    logs = data / "runs" / "_ablation_logs"
+    sfx = f"_{a.tag}" if a.tag else ""
+
+    # ---- stages 2 and 3, once per artifact ----
+    if not (data / "aligned.pt").is_file() or a.rerun_stage3:
+        run(["02_align.py", str(data)], logs / "02_align.log")
+    for art in sorted({v[3] for v in variants if v[3]}):
+        out = data / art.replace(".pt", f"{sfx}.pt")
+        if not out.is_file() or a.rerun_stage3:
+            run(["03_fuse.py", str(data), "--out", out.name, *STAGE3_FLAGS[art], *shlex.split(a.fuse_args)],
+                logs / f"03_{out.stem}.log")
+
+    # ---- stage 4, once per (variant, seed) ----
+    names: dict[str, list[str]] = {}
+    for key, label, flags, art in variants:
+        for seed in seeds:
+            name = f"{a.backbone}_{a.loss}_{key}{sfx}_s{seed}"
+            names.setdefault(key, []).append(name)
+            if (data / "runs" / name / "results.json").is_file():
+                print(f"reusing {name}", flush=True)
+                continue
+            fl = [f.format(data=data).replace(".pt", f"{sfx}.pt") if art else f for f in flags]
+            run(["04_train_backbone.py", str(data), "--backbone", a.backbone, "--loss", a.loss, "--seed", str(seed),
+                 "--name", name, *fl, *shlex.split(a.train_args)], logs / f"{name}.log")
+
+    # ---- the table: mean ± std over seeds, full ranking, overall and tail items ----
+    res = {k: [load_run(data, n) for n in ns] for k, ns in names.items()}
+    rows, summary = [], {}
+    for key, label, _, _ in variants:
+        overall = [metrics(r, "full") for r in res[key]]
+        tail = [metrics(r, "full", "tail_items") for r in res[key]]
+        cells = {c: mean_std([m[c] for m in overall]) for c in COLUMNS}
+        cells["tail NDCG@10"] = mean_std([t["NDCG@10"] for t in tail]) if all(tail) else (float("nan"), 0.0)
+        cells["sampled100 HR@10"] = mean_std([metrics(r, "sampled100").get("HR@10", float("nan")) for r in res[key]])
+        summary[key] = cells
+        secs = statistics.fmean(r.get("train_seconds", float("nan")) for r in res[key])
+        rows.append(f"| {label} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in cells.values()) + f" | {secs:.0f} |")
+
+    def verdict(key: str, col: str) -> str:
+        (m1, s1), (m0, s0) = summary[key][col], summary["id"][col]
+        gap = m1 - m0
+        ok = "**yes**" if gap > s0 + s1 else "no"
+        return f"{gap:+.4f} vs std sum {s0 + s1:.4f}: {ok}"
+
+    cfg0 = res[variants[0][0]][0].get("config", {})
+    head = ["variant", *COLUMNS, "tail NDCG@10", "sampled-100 HR@10", "train s"]
+    lines = [
+        f"# {data.name}: {a.backbone}, loss {a.loss}{' (' + a.tag + ')' if a.tag else ''}",
+        "",
+        f"Dataset `{data}`; backbone {a.backbone}; loss `{a.loss}`; seeds {', '.join(map(str, seeds))} "
+        f"(mean ± sample std over seeds). Protocol: leave-one-out test set, **full ranking over all items** "
+        f"(sampled-100 HR@10 in its own column); tail items = the tail group of 04_train_backbone.py (by training "
+        f"popularity). Stage-4 extra flags: `{a.train_args or 'none'}`; stage-3 extra flags: `{a.fuse_args or 'none'}`."
+        f" Stage-4 epochs/patience as in the runs' configs (e.g. {cfg0.get('epochs', '?')} epochs max).",
+        f"Semantics backend: {semantics_label(data)}.",
+        "",
+        "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows, "",
+    ]
+    if "dmesr" in summary and "id" in summary:
+        lines += ["Target (DMESR mean NDCG@10 ahead of the plain backbone by more than the two std combined):",
+                  f"- overall: {verdict('dmesr', 'NDCG@10')}", f"- tail items: {verdict('dmesr', 'tail NDCG@10')}", ""]
+    lines += ["Runs: " + ", ".join(f"`{n}`" for ns in names.values() for n in ns), ""]
+    out = ROOT / "bench" / "results" / f"{data.name}_{a.backbone}{'' if a.loss == 'ce' else '_' + a.loss}{sfx}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {out}")
+
+
+def semantics_label(data: Path) -> str:
+    """The stage-1 backend as stage 1 recorded it, so a table never hides which 'MLLM' produced the semantics."""
+    try:
+        import torch
+        cfg = torch.load(data / "semantics.pt", map_location="cpu", weights_only=False).get("config", {})
+    except Exception as e:  # the table is still worth writing; say why the label is missing
+        return f"unknown ({type(e).__name__} reading semantics.pt)"
+    keys = [k for k in ("mllm", "backend", "backend_label", "encoder", "style") if k in cfg]
+    return ", ".join(f"{k}={cfg[k]}" for k in keys) or json.dumps(cfg)[:200]
+
+
+if __name__ == "__main__":
+    main()
