@@ -57,12 +57,13 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
     docs = _field_docs(cls)
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_ = docs.get(f.name, "")
-        typ = f.type if not isinstance(f.type, str) else eval(f.type, vars(sys.modules[cls.__module__]))  # noqa: S307
-        if f.name == "data":
+        if f.name == "data":  # positional, so it needs no default (`data: str` with none is the documented form)
             p.add_argument("data", help=help_)
-        elif typ is bool:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        typ = f.type if not isinstance(f.type, str) else eval(f.type, vars(sys.modules[cls.__module__]))  # noqa: S307
+        if typ is bool:
             p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default, help=help_,
                            action=argparse.BooleanOptionalAction)
         elif typ in (int, float, str):
@@ -232,6 +233,8 @@ def load_dataset(root: str | Path, check_images: bool = True) -> Dataset:
                 except ValueError:
                     raise DatasetError(f"{inter_path}:{lineno}: field 'timestamp': {ts!r} is neither a number "
                                        f"nor an ISO date") from None
+            if not np.isfinite(t):  # float() accepts 'nan' and 'inf', which would scramble the chronological order
+                raise DatasetError(f"{inter_path}:{lineno}: field 'timestamp': {ts!r} is not a finite number")
             j = index.get(iid)
             if j is None:
                 unknown += 1
