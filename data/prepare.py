@@ -148,6 +148,7 @@ BRANDS = ["Acme", "Borealis", "Cobalt", "Dune", "Ember", "Fjord", "Granite", "Ha
 PRICE_BANDS = [("budget", 3, 15), ("mid-range", 15, 40), ("premium", 40, 100), ("luxury", 100, 300)]
 TASTES = ["colour", "shape", "pattern", "brand", "price"]  # the latent tastes: three image-only, two text-only
 CANDIDATES = 32  # popularity-drawn candidates per step, among which the user's tastes pick (sampling-importance-resampling)
+USER_CHUNK = 100_000  # users per vectorised block: bounds the (users x candidates) arrays at any scale
 
 
 class _Buckets:
@@ -179,6 +180,12 @@ class _Buckets:
             for j in small + large:  # leftovers are 1 up to rounding
                 q[j] = 1.0
             self.prob[s:e], self.alias[s:e] = q, alias
+
+    def uniform(self, keys: np.ndarray, rng) -> np.ndarray:
+        """One item per key, uniformly within its bucket; -1 where the bucket is empty."""
+        s, cnt = self.start[keys], self.end[keys] - self.start[keys]
+        slot = np.minimum(s + (rng.random(len(keys)) * cnt).astype(np.int64), len(self.order) - 1)
+        return np.where(cnt > 0, self.order[slot], -1)
 
     def sample(self, keys: np.ndarray, rng) -> np.ndarray:
         """One item per key; -1 where the bucket is empty."""
@@ -251,6 +258,8 @@ def build_synthetic(a) -> dict:
     attrs = {k: rng.integers(v, size=n) for k, v in sizes.items()}
     popularity = 1.0 / (1.0 + rng.permutation(n)) ** a.zipf
     by_cat = _Buckets(attrs["cat"], C, popularity)
+    cat_size = np.maximum(np.bincount(attrs["cat"], minlength=C), 1)
+    cat_weight = np.maximum(np.bincount(attrs["cat"], weights=popularity, minlength=C), 1e-300)
     # a companion item ("bought X, then Y") in the next category: sequential structure an ID model can learn
     companion = by_cat.sample((attrs["cat"] + 1) % C, rng)
     companion = np.where(companion >= 0, companion, rng.integers(n, size=n))
@@ -267,28 +276,33 @@ def build_synthetic(a) -> dict:
         idx = np.flatnonzero(lengths > t)
         if len(idx) == 0:
             break
-        for c0 in range(0, len(idx), 100_000):  # chunks bound the (users x candidates) arrays at any scale
-            ix = idx[c0:c0 + 100_000]
+        for c0 in range(0, len(idx), USER_CHUNK):
+            ix = idx[c0:c0 + USER_CHUNK]
             if t == 0:
                 cat = taste["cat"][ix]
             else:
                 prev = attrs["cat"][hist[ix, t - 1]]
                 r = rng.random(len(ix))
                 cat = np.where(r < 0.5, prev, np.where(r < 0.8, (prev + 1) % C, taste["cat"][ix]))
-            cand = by_cat.sample(np.repeat(cat, CANDIDATES), rng).reshape(len(ix), CANDIDATES)
+            # half the candidates by popularity (the head), half uniformly (the tail); the importance weight
+            # target / proposal in the score makes the pick follow popularity * exp(taste * matches)
+            keys = np.repeat(cat, CANDIDATES)
+            cand = np.where(np.arange(len(keys)) % 2 == 0, by_cat.sample(keys, rng), by_cat.uniform(keys, rng))
+            cand = cand.reshape(len(ix), CANDIDATES)
             cand = np.where(cand >= 0, cand, rng.integers(n, size=cand.shape))  # an empty category: any item
+            q = 0.5 * popularity[cand] / cat_weight[cat][:, None] + 0.5 / cat_size[cat][:, None]
             match = sum((attrs[k][cand] == taste[k][ix, None]).astype(np.float32) for k in TASTES)
-            score = a.taste * match + rng.gumbel(size=cand.shape).astype(np.float32)
+            score = (np.log(popularity[cand] / q) + a.taste * match + rng.gumbel(size=cand.shape)).astype(np.float32)
             for _ in range(4):  # users rarely buy the same product twice: take the best candidate not yet bought
-                best = score.argmax(1)
-                item = cand[np.arange(len(ix)), best]
+                item = cand[np.arange(len(ix)), score.argmax(1)]
                 rep = np.flatnonzero((hist[ix, :t] == item[:, None]).any(1)) if t else np.zeros(0, dtype=np.int64)
                 if len(rep) == 0:
                     break
-                score[rep, best[rep]] = -np.inf
+                score[rep] = np.where(cand[rep] == item[rep, None], -np.inf, score[rep])
             if t > 0:
-                follow = rng.random(len(ix)) < a.companion
-                item = np.where(follow, companion[hist[ix, t - 1]], item)
+                nxt = companion[hist[ix, t - 1]]
+                follow = (rng.random(len(ix)) < a.companion) & ~(hist[ix, :t] == nxt[:, None]).any(1)
+                item = np.where(follow, nxt, item)
             hist[ix, t] = item
 
     valid = np.arange(max_len)[None, :] < lengths[:, None]
@@ -325,10 +339,15 @@ def build_synthetic(a) -> dict:
         items.append(meta)
         truth.append(f"{iid},{cname},{colour_names[attrs['colour'][k]]},{SHAPES[attrs['shape'][k]]},"
                      f"{PATTERNS[attrs['pattern'][k]]},{b},{pb}")
-    # the generating attributes, for analysis and tests only: no stage reads this file
-    _atomic_write(out / "synthetic_attributes.csv", ("\n".join(truth) + "\n",))
     uwidth = len(str(m - 1))
     user_names = [f"user{k:0{uwidth}d}" for k in range(m)]
+    # the generating truth (item attributes, user tastes), for analysis and tests only: no stage reads these files
+    _atomic_write(out / "synthetic_attributes.csv", ("\n".join(truth) + "\n",))
+    names = {"cat": [c for c, _ in CATEGORIES], "colour": colour_names, "shape": SHAPES, "pattern": PATTERNS,
+             "brand": BRANDS, "price": [b for b, _, _ in PRICE_BANDS]}
+    cols = {k: np.asarray(v)[taste[k]] for k, v in names.items()}
+    _atomic_write(out / "synthetic_users.csv", ["user_id,category,colour,shape,pattern,brand,price_band\n"] + [
+        ",".join(row) + "\n" for row in zip(user_names, *(cols[k].tolist() for k in names))])
     return write_dataset(out, user_names, [it["item_id"] for it in items], u, i, t, items)
 
 
@@ -688,8 +707,8 @@ def parse_args(argv=None):
     s.add_argument("--users", type=int, default=1500, help="number of users")
     s.add_argument("--avg-len", type=float, default=10.0, help="mean interactions per user (minimum 5, cap 50)")
     s.add_argument("--categories", type=int, default=6, help=f"number of categories (at most {len(CATEGORIES)})")
-    s.add_argument("--zipf", type=float, default=1.0, help="exponent of the Zipf-like item popularity")
-    s.add_argument("--taste", type=float, default=2.0, help="strength of the latent tastes (0 = popularity only)")
+    s.add_argument("--zipf", type=float, default=1.2, help="exponent of the Zipf-like item popularity")
+    s.add_argument("--taste", type=float, default=3.0, help="strength of the latent tastes (0 = popularity only)")
     s.add_argument("--companion", type=float, default=0.1, help="chance the next item is the previous one's companion")
     s.add_argument("--image-size", type=int, default=128, help="side of the rendered product photos in pixels")
     s.add_argument("--no-images", action="store_true", help="skip rendering (for very large benchmark catalogues)")
