@@ -165,9 +165,7 @@ class Cache:
         folder.mkdir(parents=True, exist_ok=True)
         for p in sorted(folder.glob("*.jsonl")):
             self._read(p)
-        self.path = folder / filename
-        self._repair_tail(self.path)
-        self.f = open(self.path, "a", encoding="utf-8")
+        self.path, self.f = folder / filename, None
 
     def _read(self, p: Path):
         lines = p.read_text(encoding="utf-8").split("\n")
@@ -195,12 +193,17 @@ class Cache:
 
     def add(self, req: Request, text: str, **extra):
         rec = {"key": req.key, "item_id": req.item_id, "view": req.view, "text": text, **extra}
+        if self.f is None:  # opened on the first record: a run that generates nothing leaves no file behind
+            self._repair_tail(self.path)
+            self.f = open(self.path, "a", encoding="utf-8")
         self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         self.f.flush()  # a killed process loses at most the prompt being written
         self.done[req.key] = rec
 
     def close(self):
-        self.f.close()
+        if self.f is not None:
+            self.f.close()
+            self.f = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
