@@ -19,6 +19,7 @@ import concurrent.futures as cf
 import csv
 import gzip
 import hashlib
+import http.client
 import io
 import json
 import logging
@@ -255,20 +256,25 @@ def build_synthetic(a) -> dict:
 
     # ---- the catalogue: latent attributes and a Zipf-like popularity (random rank per item) ----
     sizes = {"cat": C, "colour": K, "shape": S, "pattern": P, "brand": B, "price": R}
-    attrs = {k: rng.integers(v, size=n) for k, v in sizes.items()}
+    attrs = {k: rng.integers(v, size=n).astype(np.int8) for k, v in sizes.items()}  # int8: cache-friendly gathers
     popularity = 1.0 / (1.0 + rng.permutation(n)) ** a.zipf
     by_cat = _Buckets(attrs["cat"], C, popularity)
     cat_size = np.maximum(np.bincount(attrs["cat"], minlength=C), 1)
     cat_weight = np.maximum(np.bincount(attrs["cat"], weights=popularity, minlength=C), 1e-300)
+    # candidates come half by popularity, half uniformly within the category: proposal q(i) depends on i alone, so the
+    # importance weight log(popularity / q) of every item is computed once
+    q = 0.5 * popularity / cat_weight[attrs["cat"]] + 0.5 / cat_size[attrs["cat"]]
+    log_w = np.log(popularity / q).astype(np.float32)
     # a companion item ("bought X, then Y") in the next category: sequential structure an ID model can learn
     companion = by_cat.sample((attrs["cat"] + 1) % C, rng)
     companion = np.where(companion >= 0, companion, rng.integers(n, size=n))
 
     # ---- users: latent tastes over image-only and text-only attributes, then sequences step by step ----
-    # Each step: a category from a Markov chain (stay / next category / back to the favourite), CANDIDATES items of it
-    # drawn by popularity, and the user takes the one that best fits their tastes (Gumbel-max over taste * matches):
+    # Each step: a category from a Markov chain (stay / next category / back to the favourite), CANDIDATES items of it,
+    # and a Gumbel-max pick over log(popularity / q) + taste * #matching attributes (sampling-importance-resampling):
     # P(item) ~ popularity * exp(taste * #matching attributes), so content explains choices that popularity cannot.
-    taste = {k: rng.integers(v, size=m) for k, v in sizes.items()}
+    t0 = time.time()
+    taste = {k: rng.integers(v, size=m).astype(np.int8) for k, v in sizes.items()}
     max_len = 50
     lengths = np.minimum(5 + rng.geometric(1.0 / max(1.0, a.avg_len - 4.0), size=m) - 1, max_len)
     hist = np.full((m, max_len), -1, dtype=np.int64)
@@ -284,15 +290,13 @@ def build_synthetic(a) -> dict:
                 prev = attrs["cat"][hist[ix, t - 1]]
                 r = rng.random(len(ix))
                 cat = np.where(r < 0.5, prev, np.where(r < 0.8, (prev + 1) % C, taste["cat"][ix]))
-            # half the candidates by popularity (the head), half uniformly (the tail); the importance weight
-            # target / proposal in the score makes the pick follow popularity * exp(taste * matches)
-            keys = np.repeat(cat, CANDIDATES)
-            cand = np.where(np.arange(len(keys)) % 2 == 0, by_cat.sample(keys, rng), by_cat.uniform(keys, rng))
-            cand = cand.reshape(len(ix), CANDIDATES)
+            keys = np.repeat(cat, CANDIDATES // 2)
+            cand = np.concatenate([by_cat.sample(keys, rng).reshape(len(ix), -1),
+                                   by_cat.uniform(keys, rng).reshape(len(ix), -1)], axis=1)
             cand = np.where(cand >= 0, cand, rng.integers(n, size=cand.shape))  # an empty category: any item
-            q = 0.5 * popularity[cand] / cat_weight[cat][:, None] + 0.5 / cat_size[cat][:, None]
-            match = sum((attrs[k][cand] == taste[k][ix, None]).astype(np.float32) for k in TASTES)
-            score = (np.log(popularity[cand] / q) + a.taste * match + rng.gumbel(size=cand.shape)).astype(np.float32)
+            match = sum((attrs[k][cand] == taste[k][ix, None]) for k in TASTES)
+            gumbel = -np.log(-np.log(rng.random(cand.shape, dtype=np.float32) + np.float32(1e-12)))
+            score = log_w[cand] + np.float32(a.taste) * match + gumbel
             for _ in range(4):  # users rarely buy the same product twice: take the best candidate not yet bought
                 item = cand[np.arange(len(ix)), score.argmax(1)]
                 rep = np.flatnonzero((hist[ix, :t] == item[:, None]).any(1)) if t else np.zeros(0, dtype=np.int64)
@@ -305,6 +309,8 @@ def build_synthetic(a) -> dict:
                 item = np.where(follow, nxt, item)
             hist[ix, t] = item
 
+    log.info(f"synthetic: {lengths.sum()} interactions drawn in {time.time() - t0:.1f}s "
+             f"({lengths.sum() / (time.time() - t0):,.0f}/s)")
     valid = np.arange(max_len)[None, :] < lengths[:, None]
     u = np.repeat(np.arange(m), lengths)
     i = hist[valid]
@@ -522,6 +528,9 @@ def fetch_image(url: str, cache: Path, timeout: float, retries: int, backoff: fl
                     if time.monotonic() - t0 > timeout:  # a server trickling bytes must not hold a worker forever
                         raise TimeoutError(f"no complete reply within {timeout}s")
                     f.write(chunk)
+                expected = r.headers.get("Content-Length", "")
+                if expected.isdigit() and got != int(expected):  # the server hung up early: worth another try
+                    raise ConnectionError(f"truncated reply, {got} of {expected} bytes")
             if not _image_format(tmp):
                 return None, "corrupt image (cannot be decoded)"  # a complete but broken file will not heal on retry
             os.replace(tmp, dst)
@@ -532,7 +541,7 @@ def fetch_image(url: str, cache: Path, timeout: float, retries: int, backoff: fl
                 return None, reason
         except ValueError as e:
             return None, str(e)
-        except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError, OSError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, socket.timeout, OSError) as e:
             why = getattr(e, "reason", e)
             reason = "timeout" if isinstance(why, (TimeoutError, socket.timeout)) else f"{type(why).__name__}: {why}"
         finally:
@@ -556,7 +565,10 @@ def download_images(jobs: list[tuple[str, str]], out: Path, cache: Path, timeout
         for fut in tqdm(cf.as_completed(futs), total=len(futs), desc="images", unit="img", file=sys.stderr,
                         disable=len(futs) < 50):
             iid, url = futs[fut]
-            path, reason = fut.result()
+            try:
+                path, reason = fut.result()
+            except Exception as e:  # one odd reply must not cost the other downloads; it is reported like the rest
+                path, reason = None, f"{type(e).__name__}: {e}"
             if path is None:
                 failures.append({"item_id": iid, "url": url, "reason": reason})
                 continue

@@ -257,6 +257,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif self.path == "/slow.jpg":
             time.sleep(1.5)  # longer than the client's timeout, and bounded so the server can always stop
             body, code = png_bytes(), 200
+        elif self.path == "/truncated.png":  # promises more bytes than it sends, then hangs up
+            self.send_response(200)
+            self.send_header("Content-Length", "5000")
+            self.end_headers()
+            self.wfile.write(png_bytes()[:50])
+            self.close_connection = True
+            return
         elif self.path == "/flaky.png" and _Handler.hits[self.path] == 1:
             body, code = b"busy", 503
         elif self.path == "/flaky.png":
@@ -290,7 +297,8 @@ def server():
 
 def test_downloader_against_loopback_server(tmp_path, server):
     jobs = [("g1", f"{server}/good1.png"), ("g2", f"{server}/good22.png"), ("nf", f"{server}/missing.jpg"),
-            ("bad", f"{server}/corrupt.jpg"), ("slow", f"{server}/slow.jpg"), ("flaky", f"{server}/flaky.png")]
+            ("bad", f"{server}/corrupt.jpg"), ("slow", f"{server}/slow.jpg"), ("flaky", f"{server}/flaky.png"),
+            ("cut", f"{server}/truncated.png")]
     out, cache = tmp_path / "out", tmp_path / "cache"
     t0 = time.monotonic()
     ok, failures = prepare.download_images(jobs, out, cache, timeout=0.4, retries=2, backoff=0.05, workers=4)
@@ -298,15 +306,16 @@ def test_downloader_against_loopback_server(tmp_path, server):
     assert ok == {"g1": "images/g1.png", "g2": "images/g2.png", "flaky": "images/flaky.png"}
     assert np.asarray(Image.open(out / "images" / "g2.png"))[0, 0].tolist() == [10 * len("/good22.png"), 120, 30]
     reasons = {f["item_id"]: f["reason"] for f in failures}
-    assert set(reasons) == {"nf", "bad", "slow"} and all(f["url"].startswith(server) for f in failures)
+    assert set(reasons) == {"nf", "bad", "slow", "cut"} and all(f["url"].startswith(server) for f in failures)
     assert reasons["nf"] == "HTTP 404" and _Handler.hits["/missing.jpg"] == 1  # a 404 is not retried
     assert reasons["bad"].startswith("corrupt image")
     assert reasons["slow"] == "timeout (after 3 attempts)" and _Handler.hits["/slow.jpg"] == 3
     assert _Handler.hits["/flaky.png"] == 2  # a 503 is retried, then succeeds
+    assert reasons["cut"].startswith("ConnectionError: truncated reply") and _Handler.hits["/truncated.png"] == 3
 
     # a second run is served from the cache: no new request for what already succeeded
     before = sum(_Handler.hits[p] for p in ("/good1.png", "/good22.png", "/flaky.png"))
-    ok2, _ = prepare.download_images(jobs[:2] + jobs[-1:], tmp_path / "out2", cache, timeout=0.4, retries=0)
+    ok2, _ = prepare.download_images([j for j in jobs if j[0] in ok], tmp_path / "out2", cache, timeout=0.4, retries=0)
     assert ok2 == {"g1": "images/g1.png", "g2": "images/g2.png", "flaky": "images/flaky.png"}
     assert sum(_Handler.hits[p] for p in ("/good1.png", "/good22.png", "/flaky.png")) == before
     assert not list(cache.glob("*.part*"))  # no half-downloaded leftovers
