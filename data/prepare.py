@@ -130,7 +130,8 @@ def _safe_name(item_id: str) -> str:
 # both; users with latent tastes over both kinds, Zipf popularity and category-level sequential structure.
 # ----------------------------------------------------------------------------------------------------------------------
 
-CATEGORIES = [("Kitchen", ["mug", "kettle", "bowl", "jar"]), ("Garden", ["planter", "watering can", "lantern", "feeder"]),
+CATEGORIES = [("Kitchen", ["mug", "kettle", "bowl", "jar"]),
+              ("Garden", ["planter", "watering can", "lantern", "feeder"]),
               ("Toys", ["puzzle", "plush toy", "building set", "spinning top"]),
               ("Beauty", ["lotion", "perfume", "compact", "soap"]),
               ("Office", ["organizer", "desk lamp", "notebook", "pen holder"]),
@@ -148,7 +149,7 @@ BRANDS = ["Acme", "Borealis", "Cobalt", "Dune", "Ember", "Fjord", "Granite", "Ha
           "Lumen"]
 PRICE_BANDS = [("budget", 3, 15), ("mid-range", 15, 40), ("premium", 40, 100), ("luxury", 100, 300)]
 TASTES = ["colour", "shape", "pattern", "brand", "price"]  # the latent tastes: three image-only, two text-only
-CANDIDATES = 32  # popularity-drawn candidates per step, among which the user's tastes pick (sampling-importance-resampling)
+CANDIDATES = 32  # items drawn per step, among which the user's tastes pick (sampling-importance-resampling)
 USER_CHUNK = 100_000  # users per vectorised block: bounds the (users x candidates) arrays at any scale
 
 
@@ -228,7 +229,8 @@ def render_product(path: Path, cat: int, colour: str, shape: str, pattern: str, 
         corners = 2 * n if inner else n
         pts = []
         for k in range(corners):
-            rr, ang = r * 1.15 * (inner if inner and k % 2 else 1.0), rot + turn - math.pi / 2 + 2 * math.pi * k / corners
+            rr = r * 1.15 * (inner if inner and k % 2 else 1.0)
+            ang = rot + turn - math.pi / 2 + 2 * math.pi * k / corners
             pts.append((cx + rr * math.cos(ang), cy + rr * math.sin(ang)))
     mask = Image.new("L", (size, size), 0)
     md = ImageDraw.Draw(mask)
@@ -384,7 +386,7 @@ def build_seq_file(a, name: str, titles: Path | None) -> dict:
     meta: dict[str, dict] = {}
     if titles is not None:
         with open(_need(titles), encoding="utf-8", newline="") as f:
-            rows = csv.reader(f, delimiter="\t")
+            rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)  # titles may start with a quote
             header = next(rows, None)
             if header is None or header[:3] != ["item_id", "asin", "title"]:
                 raise PrepareError(f"{titles}:1: header must be 'item_id<TAB>asin<TAB>title', got {header!r}")
@@ -684,8 +686,8 @@ def build_amazon2023(a) -> dict:
 
     failures = []
     if jobs:
-        cache = Path(a.image_cache) if a.image_cache else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) \
-            / "dmesr" / "amazon2023_images"
+        cache = Path(a.image_cache) if a.image_cache else \
+            Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dmesr" / "amazon2023_images"
         ok, failures = download_images(jobs, out, cache, a.timeout, a.retries, a.backoff, a.workers)
         for it in items:
             if it["item_id"] in ok:
@@ -704,7 +706,7 @@ def build_amazon2023(a) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="source", required=True)
 
     def add(name, help_, src=None):
