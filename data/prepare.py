@@ -90,7 +90,8 @@ def write_dataset(out: Path, user_names, item_names, u, i, t, items: list[dict])
                 yield "".join(f"{user_names[a]},{item_names[b]},{c}\n" for a, b, c in zip(us, is_, ts))
 
     _atomic_write(out / "interactions.csv", rows())
-    _atomic_write(out / "items.jsonl", (json.dumps(m, ensure_ascii=False) + "\n" for m in items))
+    encode = json.JSONEncoder(ensure_ascii=False).encode  # one encoder: json.dumps builds a new one per call
+    _atomic_write(out / "items.jsonl", (encode(m) + "\n" for m in items))
     return {"users": int(len(np.unique(u))), "items": len(items), "interactions": int(len(u)),
             "items_with_image": sum(1 for m in items if m.get("image"))}
 
@@ -333,20 +334,22 @@ def build_synthetic(a) -> dict:
     model_no = rng.integers(100, 1000, size=n)
     items, truth = [], ["item_id,category,colour,shape,pattern,brand,price_band"]
     width = len(str(n - 1))
-    for k in tqdm(range(n), desc="synthetic items", unit="item", file=sys.stderr, disable=n < 5000 and a.no_images):
-        c, b, pb = int(attrs["cat"][k]), BRANDS[attrs["brand"][k]], PRICE_BANDS[attrs["price"][k]][0]
-        cname, noun = CATEGORIES[c][0], CATEGORIES[c][1][noun_pick[k]]
+    cols = zip(*(attrs[k].tolist() for k in ("cat", "colour", "shape", "pattern", "brand", "price")),
+               noun_pick.tolist(), model_no.tolist(), price.tolist())  # plain ints: numpy scalars are slow per item
+    for k, (c, col, shp, pat, b, pb, noun, model, pr) in enumerate(
+            tqdm(cols, total=n, desc="synthetic items", unit="item", file=sys.stderr,
+                 disable=n < 5000 and a.no_images)):
+        col, shp, pat, b, pb = colour_names[col], SHAPES[shp], PATTERNS[pat], BRANDS[b], PRICE_BANDS[pb][0]
+        cname, noun = CATEGORIES[c][0], CATEGORIES[c][1][noun]
         iid = f"item{k:0{width}d}"
-        meta = {"item_id": iid, "title": f"{b} {noun} {cname[0]}{model_no[k]}", "brand": b, "categories": [cname],
-                "price": f"{price[k]:.2f}", "description": f"A {pb} {noun} from the {b} {cname.lower()} range."}
+        meta = {"item_id": iid, "title": f"{b} {noun} {cname[0]}{model}", "brand": b, "categories": [cname],
+                "price": f"{pr:.2f}", "description": f"A {pb} {noun} from the {b} {cname.lower()} range."}
         if not a.no_images:
-            col, shp, pat = colour_names[attrs["colour"][k]], SHAPES[attrs["shape"][k]], PATTERNS[attrs["pattern"][k]]
             render_product(out / "images" / f"{iid}.png", c, col, shp, pat, a.image_size,
                            np.random.default_rng([a.seed, k]))
             meta["image"] = f"images/{iid}.png"
         items.append(meta)
-        truth.append(f"{iid},{cname},{colour_names[attrs['colour'][k]]},{SHAPES[attrs['shape'][k]]},"
-                     f"{PATTERNS[attrs['pattern'][k]]},{b},{pb}")
+        truth.append(f"{iid},{cname},{col},{shp},{pat},{b},{pb}")
     uwidth = len(str(m - 1))
     user_names = [f"user{k:0{uwidth}d}" for k in range(m)]
     # the generating truth (item attributes, user tastes), for analysis and tests only: no stage reads these files
