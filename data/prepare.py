@@ -69,8 +69,10 @@ def write_dataset(out: Path, user_names, item_names, u, i, t, items: list[dict])
 
     Rows are written user by user, chronologically (stable, so ties keep source order); the loader re-sorts anyway.
     """
-    out.mkdir(parents=True, exist_ok=True)
     u, i, t = np.asarray(u), np.asarray(i), np.asarray(t)
+    if len(u) == 0:
+        raise PrepareError("no interactions left to write (a filter such as --kcore or --top-items removed them all)")
+    out.mkdir(parents=True, exist_ok=True)
     order = np.lexsort((np.arange(len(u)), t, u))
     u, i, t = u[order], i[order], t[order]
     names = "".join(map(str, user_names)) + "".join(map(str, item_names))
@@ -431,6 +433,8 @@ def build_movielens(a) -> dict:
     uid, u, mv, ts = {}, [], [], []
     for lineno, (user, movie, _rating, stamp) in _read_csv(src / "ratings.csv", ["userId", "movieId", "rating",
                                                                                  "timestamp"]):
+        if not movie.isdigit():
+            raise PrepareError(f"{src / 'ratings.csv'}:{lineno}: field 'movieId': {movie!r} is not a movie id")
         try:
             ts.append(int(stamp))
         except ValueError:

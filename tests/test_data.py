@@ -243,6 +243,17 @@ def test_movielens_converter_on_fixture(tmp_path):
     assert all(n_ratings[k] >= n_ratings[m] for k in kept for m in ("1", "2", "3", "4", "5", "6") if m not in kept)
 
 
+def test_movielens_bad_rows_name_file_line_and_field(tmp_path):
+    src = write_movielens(tmp_path / "ml")
+    good = (src / "ratings.csv").read_text()
+    for bad, field in [("3,x9,4.0,1500", "movieId"), ("3,1,4.0,noon", "timestamp"), ("3,1,4.0", "fields")]:
+        (src / "ratings.csv").write_text(good + bad + "\n")
+        p = run_script("data/prepare.py", "movielens", "--src", src, "--out", tmp_path / "m", check=False)
+        line = len(good.splitlines()) + 1
+        assert p.returncode != 0 and f"ratings.csv:{line}:" in p.stderr and field in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr
+
+
 # ---- amazon2023: the downloader against a real HTTP server on loopback ----
 
 class _Handler(http.server.BaseHTTPRequestHandler):
