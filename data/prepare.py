@@ -29,6 +29,7 @@ import re
 import shutil
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -524,7 +525,7 @@ def fetch_image(url: str, cache: Path, timeout: float, retries: int, backoff: fl
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(backoff * 2 ** (attempt - 1))
-        tmp = dst.with_name(f"{dst.name}.part{os.getpid()}_{attempt}_{id(url)}")
+        tmp = dst.with_name(f"{dst.name}.part{os.getpid()}_{threading.get_ident()}")  # two items may share a URL
         try:
             req = urllib.request.Request(url, headers={"User-Agent": "dmesr-prepare/1.0"})
             t0 = time.monotonic()
