@@ -29,6 +29,7 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -39,7 +40,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import common
@@ -78,7 +78,7 @@ class Config:
     """Adam learning rate"""
     weight_decay: float = 0.0
     """Adam weight decay"""
-    batch_size: int = 256
+    batch_size: int = 128
     """user sequences per optimisation step (global batch: split across ranks under torchrun)"""
     epochs: int = 200
     """maximum number of epochs"""
@@ -374,14 +374,52 @@ class Recommender(nn.Module):
 # ALGO: losses
 # ----------------------------------------------------------------------------------------------------------------------
 
-def ce_loss_sum(h, table, target, chunk: int):
-    """Sum over positions of -log softmax(h . table)[target]. With chunk > 0 the log-sum-exp runs over item chunks
-    whose logits are recomputed in backward, so memory is positions x chunk rather than positions x items."""
-    if chunk <= 0 or chunk >= table.shape[0]:
-        return F.cross_entropy(h @ table.T, target - 1, reduction="sum")
-    lse = torch.stack([checkpoint(lambda a, w: torch.logsumexp(a @ w.T, 1), h, table[c:c + chunk],
-                                  use_reentrant=False) for c in range(0, table.shape[0], chunk)], 1)
-    return (torch.logsumexp(lse, 1) - (h * table[target - 1]).sum(-1)).sum()
+class SoftmaxCE(torch.autograd.Function):
+    """sum_i -log softmax(h_i . W^T)[y_i], with the gradient written by hand: d/dlogits = softmax - onehot.
+
+    Unchunked, the logits buffer is turned into exp(logits - max) in place and kept; the softmax normalisation and the
+    one-hot are applied to the small [M, d] / [N, d] products in backward instead of the [M, N] matrix, so a step makes
+    five passes over [M, N] besides the three matmuls (autograd's cross_entropy makes about twice as many; on CPU they
+    are the cost of a ce step after the matmuls). Chunked, only each row's log-sum-exp is kept and the chunk logits
+    are recomputed in backward, so memory is positions x chunk, not positions x items.
+    """
+
+    @staticmethod
+    def forward(ctx, h, W, y, chunk):
+        ctx.chunk = chunk = chunk if 0 < chunk < len(W) else 0
+        picked = (h * W[y]).sum(1)
+        if chunk == 0:
+            z = h @ W.T
+            mx = z.max(1, keepdim=True).values
+            z.sub_(mx).exp_()
+            s = z.sum(1, keepdim=True)
+            ctx.save_for_backward(h, W, y, z, s)
+            return (mx + s.log()).sum() - picked.sum()
+        lse = torch.full((len(h),), float("-inf"), device=h.device, dtype=h.dtype)
+        for c in range(0, len(W), chunk):
+            lse = torch.logaddexp(lse, torch.logsumexp(h @ W[c:c + chunk].T, 1))
+        ctx.save_for_backward(h, W, y, lse)
+        return lse.sum() - picked.sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.chunk == 0:
+            h, W, y, z, s = ctx.saved_tensors
+            dh = (z @ W) / s - W[y]
+            dW = (z.T @ (h / s)).index_add_(0, y, -h)
+            return dh * g, dW * g, None, None
+        h, W, y, lse = ctx.saved_tensors
+        dh, dW = -W[y], torch.zeros_like(W).index_add_(0, y, -h)
+        for c in range(0, len(W), ctx.chunk):
+            p = torch.exp(h @ W[c:c + ctx.chunk].T - lse[:, None])
+            dh += p @ W[c:c + ctx.chunk]
+            dW[c:c + ctx.chunk] += p.T @ h
+        return dh * g, dW * g, None, None
+
+
+def ce_loss_sum(h, table, target, chunk: int = 0):
+    """Sum over positions of the softmax cross-entropy over all items (target ids are 1-based; row r = item r+1)."""
+    return SoftmaxCE.apply(h, table, target - 1, chunk)
 
 
 def bce_loss_sum(h, model, target, neg, vecs):
@@ -412,21 +450,38 @@ def rank_metrics(ranks) -> dict:
     return out
 
 
+def count_at_least(s, t) -> torch.Tensor:
+    """#{j: s[b, j] >= t[b]} per row, overwriting s. Comparing into a float buffer and summing it is ~10x faster on
+    CPU than summing a bool tensor, and exact: 0/1 counts stay integers in float32 up to 2^24 items per chunk."""
+    return torch.ge(s, t, out=s).sum(1, dtype=torch.float64 if s.shape[1] >= 2 ** 24 else None).long()
+
+
 def full_ranks(h, table, target, chunk: int = 0) -> torch.Tensor:
-    """rank = 1 + #{items scoring above the target} + #{other items scoring exactly the same} (ties count against)."""
-    if chunk <= 0 or chunk >= table.shape[0]:
+    """rank = 1 + #{items scoring above the target} + #{other items scoring exactly the same} (ties count against).
+
+    Items are scored in chunks of `chunk` (0 = all at once), so memory is users x chunk, not users x items. Exact ties
+    need the target's score computed bit for bit like the others: every chunk (the last one zero-padded) and the
+    target scores go through the same [B, d] @ [d, chunk] product, and the target's own entry is discounted by index.
+    """
+    N = table.shape[0]
+    if chunk <= 0 or chunk >= N:
         s = h @ table.T
-        return (s >= s.gather(1, target[:, None] - 1)).sum(1)
-    # the target's score from the same kind of matmul; its own entry is then discounted by index, not by value
-    t = (h @ table[target - 1].T).diagonal()[:, None]
-    r = torch.zeros(len(h), dtype=torch.long, device=h.device)
+        return count_at_least(s, s.gather(1, target[:, None] - 1))  # includes the target itself: the "1 +"
+    pad = table.new_zeros(chunk, table.shape[1])
     rows = torch.arange(len(h), device=h.device)
-    for c in range(0, table.shape[0], chunk):
-        s = h @ table[c:c + chunk].T
-        r += (s >= t).sum(1)
+    t = torch.empty(len(h), 1, dtype=h.dtype, device=h.device)
+    for g in range(0, len(h), chunk):  # target scores: the targets of `chunk` rows laid out as one chunk
+        tv = torch.cat([table[target[g:g + chunk] - 1], pad])[:chunk]
+        t[g:g + chunk, 0] = (h @ tv.T)[rows[g:g + chunk], rows[g:g + chunk] - g]
+    r = torch.ones(len(h), dtype=torch.long, device=h.device)
+    for c in range(0, N, chunk):
+        w = table[c:c + chunk]
+        s = h @ (w if len(w) == chunk else torch.cat([w, pad[len(w):]])).T
         own = (target - 1 >= c) & (target - 1 < c + chunk)
         r[own] -= (s[rows[own], target[own] - 1 - c] >= t[own, 0]).long()
-    return r + 1
+        r -= (chunk - len(w)) * (t[:, 0] <= 0).long()  # zero padding scores 0: take back what it added
+        r += count_at_least(s, t)
+    return r
 
 
 def sampled_ranks(h, table, target, negs) -> torch.Tensor:
@@ -444,6 +499,8 @@ def evaluate(model, hist, target, negs, cfg, device, bert: bool, rank=0, world=1
     vecs = model.all_vectors()
     table = vecs[1:model.n + 1].flatten(1)
     mine = np.arange(rank, len(hist), world)
+    # similar lengths in a batch: trimming its leading all-padding columns then removes most of the padding
+    mine = mine[np.argsort((hist[mine] != 0).sum(1), kind="stable")]
     out_f, out_s = [], []
     for b in range(0, len(mine), cfg.eval_batch):
         idx = mine[b:b + cfg.eval_batch]
@@ -455,15 +512,14 @@ def evaluate(model, hist, target, negs, cfg, device, bert: bool, rank=0, world=1
         t = torch.from_numpy(target[idx]).to(device)
         out_f.append(full_ranks(h, table, t, cfg.eval_chunk).cpu())
         out_s.append(sampled_ranks(h, table, t, torch.from_numpy(negs[idx]).to(device)).cpu())
-    rf = torch.cat(out_f).numpy() if out_f else np.zeros(0, np.int64)
-    rs = torch.cat(out_s).numpy() if out_s else np.zeros(0, np.int64)
+    parts = [(mine, torch.cat(out_f).numpy() if out_f else np.zeros(0, np.int64),
+              torch.cat(out_s).numpy() if out_s else np.zeros(0, np.int64))]
     if world > 1:  # every rank gets every rank's shard, so all ranks take the same early-stopping decision
         parts = [None] * world
-        dist.all_gather_object(parts, (mine, rf, rs))
-        full_r, samp_r = np.zeros(len(hist), np.int64), np.zeros(len(hist), np.int64)
-        for m, a, b in parts:
-            full_r[m], samp_r[m] = a, b
-        rf, rs = full_r, samp_r
+        dist.all_gather_object(parts, (mine, *parts[0][1:]))
+    rf, rs = np.zeros(len(hist), np.int64), np.zeros(len(hist), np.int64)
+    for m, a, b in parts:
+        rf[m], rs[m] = a, b
     model.train(was)
     return rf, rs
 
@@ -587,6 +643,15 @@ def train(cfg: Config) -> dict:
         return loss * (world / max(n_global, 1))
 
     # ---- training loop ----
+    # SIGINT / SIGTERM end training after the current epoch; the best weights so far are then tested and written
+    stop = {"signal": None}
+
+    def on_signal(num, _frame):
+        stop["signal"] = signal.Signals(num).name
+        signal.signal(num, signal.SIG_DFL)  # a second one kills at once
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
     curve, best, best_epoch, best_state, bad = [], -1.0, 0, None, 0
     train_s, seqs_seen = 0.0, 0
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -650,6 +715,9 @@ def train(cfg: Config) -> dict:
         if bad >= cfg.patience:
             log.info(f"no validation improvement in {cfg.patience} evaluations: stopping")
             break
+        if stop["signal"] and best_state is not None:
+            log.warning(f"{stop['signal']}: stopping after epoch {epoch}; testing the best epoch so far")
+            break
 
     # ---- test, once, with the best-epoch weights ----
     model.load_state_dict(best_state)
@@ -665,7 +733,7 @@ def train(cfg: Config) -> dict:
                      "sampled100": f"rank among the target + {n_neg} uniform negatives the user never interacted "
                                    f"with, drawn once with seed {cfg.eval_seed}",
                      "selection": "early stopping and best epoch on validation NDCG@10 (full); test evaluated once"},
-        "world_size": world, "epochs_run": len(curve), "best_epoch": best_epoch,
+        "world_size": world, "epochs_run": len(curve), "best_epoch": best_epoch, "interrupted_by": stop["signal"],
         "valid": next(r["valid"] for r in curve if r["epoch"] == best_epoch), "test": test, "curve": curve,
         "train_seconds": train_s, "sequences_per_second": seqs_seen / max(train_s, 1e-9),
         "peak_memory_mb": peak_memory_mb(device),

@@ -1,0 +1,272 @@
+"""Stage 4 as a specification: no leak from the future, SDPA == plain attention, hand-computed metrics and ties,
+fixed sampled negatives, model selection blind to test, every backbone end to end, and the dual-view plug-in."""
+import csv
+import importlib
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from conftest import SHARED_DATA, run_script
+
+stage4 = importlib.import_module("04_train_backbone")
+
+
+def fabricate_fused(n_items, d_coarse=8, d_fine=12, d=16, T=5, seed=0):
+    """A fused.pt payload built the way stage 3 builds it (random inputs through a random BiCrossFusion): a fixture."""
+    fuse = importlib.import_module("03_fuse")
+    g = torch.Generator().manual_seed(seed)
+    cfg = {"d_coarse": d_coarse, "d_fine": d_fine, "d": d, "heads": 2}
+    mod = fuse.BiCrossFusion(**cfg).eval()
+    coarse = torch.randn(n_items, 3, d_coarse, generator=g)
+    coarse_mask = torch.rand(n_items, 3, generator=g) < 0.8
+    fine = torch.randn(n_items, T, d_fine, generator=g).half()
+    fine_mask = torch.arange(T)[None] < torch.randint(1, T + 1, (n_items, 1), generator=g)
+    with torch.no_grad():
+        h_a, h_b = mod(coarse, coarse_mask, fine, fine_mask)
+    return {"h_A": h_a, "h_B": h_b, "module_config": cfg, "module_state": mod.state_dict(),
+            "inputs": {"coarse": coarse, "coarse_mask": coarse_mask, "fine": fine, "fine_mask": fine_mask},
+            "variant": {"align": True, "cross": True}}
+
+
+def random_batch(n_items, B=6, L=10, seed=0):
+    """Right-aligned sequences of different lengths, one of them a single item."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, n_items + 1, (B, L), generator=g)
+    lens = torch.tensor([L, L - 3, 1, 4, L - 1, 6][:B])
+    return x.masked_fill(torch.arange(L)[None] < (L - lens)[:, None], 0)
+
+
+def make_model(backbone, views=("id",), finetune=False, n_items=30, attention="sdpa", seed=0):
+    torch.manual_seed(seed)
+    cfg = stage4.Config(data="", backbone=backbone, hidden=16, heads=2, blocks=2, max_len=12, attention=attention,
+                        finetune_fusion=finetune)
+    fused = fabricate_fused(n_items) if list(views) != ["id"] else None
+    return stage4.Recommender(cfg, n_items, list(views), fused).eval()
+
+
+# ---- no leakage from the future ----
+
+@pytest.mark.parametrize("backbone", ["sasrec", "gru4rec"])
+@pytest.mark.parametrize("views,finetune", [(("id",), False), (("A", "B"), False), (("A", "B"), True)])
+def test_changing_item_t_plus_1_leaves_outputs_up_to_t_unchanged(backbone, views, finetune):
+    model = make_model(backbone, views, finetune)
+    x = random_batch(30)
+    with torch.no_grad():
+        h = model.states(x)
+        for t in range(x.shape[1] - 1):
+            y = x.clone()
+            y[:, t + 1] = torch.where(y[:, t + 1] > 0, y[:, t + 1] % 30 + 1, 0)  # a different item, padding stays
+            h2 = model.states(y)
+            torch.testing.assert_close(h2[:, :t + 1], h[:, :t + 1], rtol=0, atol=1e-6)
+            changed = y[:, t + 1] != x[:, t + 1]
+            if changed.any():  # and the future position itself does see the change
+                assert (h2[changed, t + 1] - h[changed, t + 1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "gru4rec", "bert4rec"])
+def test_trimming_leading_padding_changes_nothing(backbone):
+    """Batches are cut to their longest sequence; with padding masked and kept at zero that must be exact."""
+    model = make_model(backbone)
+    x = random_batch(30)
+    x[:, :4] = 0  # the longest sequence now fills 6 of the 10 columns
+    with torch.no_grad():
+        full, cut = model.states(x), model.states(x[:, 4:])
+    torch.testing.assert_close(full[:, 4:], cut, rtol=0, atol=1e-5)
+    assert (full[x == 0] == 0).all()
+
+
+# ---- one attention: SDPA and the plain masked softmax agree ----
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_sdpa_equals_plain_attention_including_fully_padded_rows(causal):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(4, 2, 7, 8, generator=g) for _ in range(3))
+    valid = torch.ones(4, 7, dtype=torch.bool)
+    valid[1, :3] = False
+    valid[2, :] = False  # a sequence that is all padding
+    valid[3, :6] = False
+    mask = stage4.attention_mask(valid, causal)
+    a = stage4.attend(q, k, v, mask, 0.0, "sdpa")
+    b = stage4.attend(q, k, v, mask, 0.0, "plain")
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    # and the mask is what the name says: a valid query sees valid keys only (earlier ones when causal), never padding
+    m = mask[1, 0]
+    assert not m[5, :3].any() and m[5, 3:6].all() and (m[5, 6] != causal)
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
+def test_backbone_outputs_match_between_attention_paths(backbone):
+    x = random_batch(30)
+    x[2] = 0  # an all-padding row
+    with torch.no_grad():
+        a = make_model(backbone, attention="sdpa").states(x)
+        b = make_model(backbone, attention="plain").states(x)
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+# ---- ranking and metrics, by hand ----
+
+def test_metrics_against_hand_computed_values():
+    m = stage4.rank_metrics([1, 3, 7, 30])
+    assert m["HR@5"] == pytest.approx(2 / 4) and m["HR@10"] == pytest.approx(3 / 4) and m["HR@20"] == pytest.approx(3 / 4)
+    assert m["NDCG@5"] == pytest.approx((1 + 1 / math.log2(4)) / 4)
+    assert m["NDCG@10"] == pytest.approx((1 + 1 / math.log2(4) + 1 / math.log2(8)) / 4)
+    assert m["MRR"] == pytest.approx((1 + 1 / 3 + 1 / 7 + 1 / 30) / 4)
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 2, 3, 5])
+def test_ties_count_against_the_target(chunk):
+    # items 1..5 score 0.5, 0.9, 0.5, 0.1, 0.5 for the one user (d = 1, h = 1)
+    table = torch.tensor([[0.5], [0.9], [0.5], [0.1], [0.5]])
+    h = torch.ones(4, 1)
+    target = torch.tensor([1, 2, 4, 5])
+    # item 1: 1 + one higher (0.9) + two others equal = 4; item 2: 1; item 4: 5 (last); item 5: 4
+    assert stage4.full_ranks(h, table, target, chunk).tolist() == [4, 1, 5, 4]
+    # all scores equal (e.g. an untrained model with zero vectors): the target ranks last, never first
+    assert stage4.full_ranks(torch.zeros(2, 1), table, torch.tensor([1, 3]), chunk).tolist() == [5, 5]
+    negs = torch.tensor([[2, 3, 4], [1, 3, 4], [1, 2, 3], [1, 2, 3]])
+    # item 5 (0.5) against items 1 (0.5), 2 (0.9), 3 (0.5): 1 + one higher + two equal = 4
+    assert stage4.sampled_ranks(h, table, target, negs).tolist() == [3, 1, 4, 4]
+
+
+def test_chunked_ranking_equals_unchunked_with_duplicate_items():
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(50, 8, generator=g)
+    table[10:20] = table[0]  # exact duplicates of item 1
+    h = torch.randn(64, 8, generator=g)
+    target = torch.randint(1, 51, (64,), generator=g)
+    target[:8] = 1
+    ref = stage4.full_ranks(h, table, target, 0)
+    for chunk in (7, 16, 49):
+        assert torch.equal(stage4.full_ranks(h, table, target, chunk), ref)
+
+
+# ---- sampled negatives ----
+
+def test_sampled_negatives_are_fixed_distinct_and_never_the_users_items():
+    rng = np.random.default_rng(0)
+    seqs = [rng.choice(np.arange(1, 301), size=rng.integers(3, 150), replace=False) for _ in range(200)]
+    a = stage4.sample_eval_negatives(seqs, 300, 100, seed=7)
+    b = stage4.sample_eval_negatives(seqs, 300, 100, seed=7)
+    assert a.shape == (200, 100) and np.array_equal(a, b)
+    assert not np.array_equal(a, stage4.sample_eval_negatives(seqs, 300, 100, seed=8))
+    for s, row in zip(seqs, a):
+        assert len(np.unique(row)) == 100 and not np.isin(row, s).any() and row.min() >= 1 and row.max() <= 300
+    # uniform over the allowed items: every allowed item is drawn about equally often across users
+    counts = np.bincount(a.ravel(), minlength=301)[1:]
+    allowed = np.array([sum(i not in set(s) for s in seqs) for i in range(1, 301)])
+    expected = allowed * (a.size / allowed.sum())
+    assert np.abs(counts - expected).max() < 6 * np.sqrt(expected.max())
+
+
+def test_ce_loss_and_gradients_match_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(23, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(1, 24, (37,), generator=g)
+    ref = torch.nn.functional.cross_entropy(h @ W.T, y - 1, reduction="sum")
+    ref_g = torch.autograd.grad(ref * 0.3, (h, W))
+    for chunk in (0, 5, 23):
+        loss = stage4.ce_loss_sum(h, W, y, chunk)
+        grads = torch.autograd.grad(loss * 0.3, (h, W))
+        torch.testing.assert_close(loss, ref)
+        for a, b in zip(grads, ref_g):
+            torch.testing.assert_close(a, b)
+
+
+# ---- model selection never reads test ----
+
+def _read_seqs(root):
+    seqs = {}
+    with open(root / "interactions.csv") as f:
+        for row in csv.DictReader(f):
+            seqs.setdefault(row["user_id"], []).append(row["item_id"])
+    return seqs
+
+
+def test_model_selection_never_reads_test(tiny_dataset, tmp_path):
+    from conftest import write_dataset
+    seqs = _read_seqs(tiny_dataset)
+    items = [json.loads(line) for line in open(tiny_dataset / "items.jsonl")]
+    rng = np.random.default_rng(5)
+    garbage = {u: s[:-1] + [f"i{rng.integers(40)}"] for u, s in seqs.items()}  # test targets replaced
+    other = write_dataset(tmp_path / "garbage", garbage, items)
+    runs = []
+    for root in (tiny_dataset, other):
+        cfg = stage4.Config(data=str(root), hidden=16, epochs=5, patience=3, batch_size=16, views="id", seed=3,
+                            threads=1)
+        runs.append(stage4.train(cfg))
+    a, b = runs
+    assert a["best_epoch"] == b["best_epoch"]
+    assert [r["valid"]["full"] for r in a["curve"]] == [r["valid"]["full"] for r in b["curve"]]
+    assert [r["loss"] for r in a["curve"]] == [r["loss"] for r in b["curve"]]
+    assert a["test"]["full"] != b["test"]["full"]  # the test itself did change
+
+
+# ---- end to end, as a user runs it ----
+
+FAST = ["--batch-size", "16", "--hidden", "16", "--lr", "0.005", "--dropout", "0.2", "--threads", "1"]
+
+
+def test_sasrec_end_to_end_from_the_command_line(tiny_dataset):
+    run_script("04_train_backbone.py", tiny_dataset, "--epochs", "6", "--name", "e2e", *FAST)
+    out = tiny_dataset / "runs" / "e2e"
+    res = json.loads((out / "results.json").read_text())
+    assert res["backbone"] == "sasrec" and res["loss"] == "ce" and res["views"] == "id" and res["seed"] == 42
+    assert len(res["curve"]) == 6 and 1 <= res["best_epoch"] <= 6
+    for proto in ("full", "sampled100"):
+        m = res["test"][proto]
+        assert set(m) == {"HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR"}
+        assert 0 <= m["NDCG@10"] <= m["HR@10"] <= m["HR@20"] <= 1
+    assert res["test"]["full"]["HR@10"] > 0.4  # the next-item pattern is learnt: chance is 10 / 40
+    g = res["test"]["groups"]
+    assert g["head_items"]["users"] + g["tail_items"]["users"] == 80
+    assert g["short_users"]["users"] + g["long_users"]["users"] == 80
+    assert res["dataset"]["fingerprint"] == common.load_dataset(tiny_dataset).fingerprint
+    ckpt = common.load_artifact(out / "model.pt", "backbone", fingerprint=res["dataset"]["fingerprint"])
+    assert ckpt["best_epoch"] == res["best_epoch"] and ckpt["config"]["backbone"] == "sasrec"
+
+
+def test_gru4rec_and_bert4rec_learn(tiny_dataset):
+    kw = dict(data=str(tiny_dataset), batch_size=16, hidden=16, lr=0.005, dropout=0.2, threads=1, views="id")
+    gru = stage4.train(stage4.Config(backbone="gru4rec", loss="ce", epochs=6, name="gru", **kw))
+    assert gru["test"]["full"]["HR@10"] > 0.4
+    bert = stage4.train(stage4.Config(backbone="bert4rec", loss="bce", epochs=30, mask_prob=0.3, name="bert", **kw))
+    first = bert["curve"][0]["valid"]["full"]["NDCG@10"]
+    assert bert["valid"]["full"]["NDCG@10"] > 1.5 * first  # slower on 80 users, but the cloze task is learnt
+    assert (tiny_dataset / "runs" / "bert" / "results.json").is_file()
+
+
+def test_dual_view_end_to_end_with_fusion_finetuning(tiny_dataset):
+    ds = common.load_dataset(tiny_dataset)
+    payload = {"item_ids": ds.item_ids, **fabricate_fused(ds.n_items)}
+    common.save_artifact(tiny_dataset / "fused.pt", "fused", payload, {"fixture": "random BiCrossFusion"},
+                         ds.fingerprint)
+    before = payload["module_state"]
+    run_script("04_train_backbone.py", tiny_dataset, "--epochs", "2", "--finetune-fusion", "--name", "dual", *FAST)
+    res = json.loads((tiny_dataset / "runs" / "dual" / "results.json").read_text())
+    assert res["views"] == "dual" and res["fused"].endswith("fused.pt")  # dual is the default once fused.pt exists
+    state = common.load_artifact(tiny_dataset / "runs" / "dual" / "model.pt", "backbone")["state_dict"]
+    tuned = {k[len("items.fusion."):]: v for k, v in state.items() if k.startswith("items.fusion.")}
+    assert tuned.keys() == before.keys()
+    assert any(not torch.equal(tuned[k], before[k]) for k in before)  # the fusion module was trained end to end
+
+
+# ---- the real data (slow) ----
+
+@pytest.mark.slow
+def test_sasrec_ce_on_real_beauty_reaches_published_level(tmp_path):
+    src = SHARED_DATA / "amazon"
+    if not (src / "Beauty.txt").is_file():
+        pytest.skip(f"real data not found at {src} (../shared/data is only on the development machines)")
+    data = tmp_path / "beauty"
+    run_script("data/prepare.py", "beauty", "--out", data)
+    run_script("04_train_backbone.py", data, "--views", "id", "--name", "slow", timeout=3600)
+    res = json.loads((data / "runs" / "slow" / "results.json").read_text())
+    assert res["test"]["full"]["NDCG@10"] >= 0.040 and res["test"]["full"]["HR@10"] >= 0.075
