@@ -118,7 +118,7 @@ class Config:
     device: str = "auto"
     """'auto', 'cpu' or 'cuda'"""
     dtype: str = "auto"
-    """LM weights: 'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16' (about 1.6x faster on CPUs with AVX512-BF16) or 'float32'"""
+    """LM weights: 'auto' = bfloat16 on CUDA, float32 on CPU except compact on a CPU with AVX512-BF16/AMX (1.6x faster); or bfloat16/float32"""
     threads: int = 0
     """CPU threads for torch (0 = torch's default); 1 is much faster when other jobs share the cores"""
     log_every: float = 30.0
@@ -430,7 +430,7 @@ class EndpointBackend:
                     break
             except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
                 last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-            except (KeyError, IndexError, TypeError, json.JSONDecodeError) as e:
+            except (KeyError, IndexError, TypeError, AttributeError, json.JSONDecodeError) as e:
                 last = f"malformed reply ({type(e).__name__}: {e})"
         raise EndpointError(f"item {req.item_id!r} view {req.view}: {self.url}/chat/completions failed after "
                             f"{attempt + 1} attempt(s); last error: {last}")
@@ -599,9 +599,20 @@ def backend_label(cfg: Config) -> str:
     return COMPACT_LABEL if kind == "compact" else f"hf: {cfg.mllm}"
 
 
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def lm_dtype(cfg: Config) -> torch.dtype:
     if cfg.dtype == "auto":
-        return torch.bfloat16 if pick_device(cfg.device).type == "cuda" else torch.float32
+        if pick_device(cfg.device).type == "cuda":
+            return torch.bfloat16
+        # measured on 2 EPYC cores: SmolLM2 prefill 2.6x and a whole 48-token batch 1.6x faster in bf16
+        return torch.bfloat16 if backend_kind(cfg.mllm) == "compact" and cpu_has_fast_bf16() else torch.float32
     if cfg.dtype not in ("bfloat16", "float32", "float16"):
         raise SystemExit(f"--dtype {cfg.dtype!r}: choose auto, bfloat16, float16 or float32")
     return getattr(torch, cfg.dtype)
@@ -616,7 +627,7 @@ def make_backend(cfg: Config, device: torch.device):
     return HFBackend(cfg.mllm, device, cfg.max_new_tokens, lm_dtype(cfg))
 
 
-def write_preview(path: Path, ds, rows, texts: dict, tags: dict, label: str, k: int):
+def write_preview(path: Path, ds, rows, originals: list[str], texts: dict, tags: dict, label: str, k: int):
     sample = [rows[int(j)] for j in np.linspace(0, len(rows) - 1, min(k, len(rows)))] if rows else []
     esc = lambda s: "—" if s is None else str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     lines = [f"# Stage 1 preview: what the MLLM said ({label})", "",
@@ -627,7 +638,7 @@ def write_preview(path: Path, ds, rows, texts: dict, tags: dict, label: str, k: 
         lines += [f"## {ds.item_ids[r]}", ""]
         if img is not None:
             lines += [f"<img src=\"{os.path.relpath(img, path.parent)}\" height=\"160\">", ""]
-        lines += [f"**Original text:** {esc(ds.texts()[r] or None)}", ""]
+        lines += [f"**Original text:** {esc(originals[r] or None)}", ""]
         if tags.get(r):
             lines += [f"**Classifier tags:** {', '.join(tags[r]['labels'])}; colours: {', '.join(tags[r]['colours'])}",
                       ""]
@@ -733,7 +744,7 @@ def main(cfg: Config):
         "tags": {ds.item_ids[r]: t for r, t in tags.items()},
     }, config, ds.fingerprint)
     preview = out.with_name(out.stem.replace("semantics", "semantics_preview") + ".md")
-    write_preview(preview, ds, rows, texts, tags, label, cfg.preview)
+    write_preview(preview, ds, rows, texts_orig, texts, tags, label, cfg.preview)
     log.info(f"wrote {out} ({N} items, views {view_mask.sum(0).tolist()} img/txt/mm) and {preview}")
     return out
 
