@@ -82,6 +82,8 @@ class Config:
     """user sequences per optimisation step (global batch: split across ranks under torchrun)"""
     epochs: int = 200
     """maximum number of epochs"""
+    max_batches: int = 0
+    """end each epoch after this many batches (0 = all); for benchmarks and smoke runs"""
     patience: int = 10
     """stop after this many evaluations without a better validation NDCG@10"""
     eval_every: int = 1
@@ -515,8 +517,8 @@ def evaluate(model, hist, target, negs, cfg, device, bert: bool, rank=0, world=1
     parts = [(mine, torch.cat(out_f).numpy() if out_f else np.zeros(0, np.int64),
               torch.cat(out_s).numpy() if out_s else np.zeros(0, np.int64))]
     if world > 1:  # every rank gets every rank's shard, so all ranks take the same early-stopping decision
-        parts = [None] * world
-        dist.all_gather_object(parts, (mine, *parts[0][1:]))
+        local, parts = parts[0], [None] * world
+        dist.all_gather_object(parts, local)
     rf, rs = np.zeros(len(hist), np.int64), np.zeros(len(hist), np.int64)
     for m, a, b in parts:
         rf[m], rs[m] = a, b
@@ -673,6 +675,7 @@ def train(cfg: Config) -> dict:
                     break
                 negatives[hit] = rng.integers(1, N + 1, size=int(hit.sum()))
         batches = batch_order(tr_len, cfg.batch_size, rng, cfg.bucket)
+        batches = batches[:cfg.max_batches] if cfg.max_batches > 0 else batches
         total, n_pos = 0.0, 0
         bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, unit="batch", disable=rank != 0, mininterval=2)
         for gb in bar:
@@ -691,8 +694,9 @@ def train(cfg: Config) -> dict:
             total = float(t_loss)
         dt = time.perf_counter() - t0
         train_s += dt
-        seqs_seen += len(tr)
-        row = {"epoch": epoch, "loss": total / max(n_pos, 1), "train_seconds": dt, "seq_per_s": len(tr) / dt}
+        n_seq = sum(len(b) for b in batches)
+        seqs_seen += n_seq
+        row = {"epoch": epoch, "loss": total / max(n_pos, 1), "train_seconds": dt, "seq_per_s": n_seq / dt}
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             te = time.perf_counter()
             rf, rs = evaluate(model, val_hist, val_tgt, negs, cfg, device, bert, rank, world)
