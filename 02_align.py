@@ -32,7 +32,7 @@ log = logging.getLogger("dmesr")
 
 @dataclass
 class Config:
-    data: str = ""  # positional; a default only because common.parse_config needs one for every field
+    data: str
     """dataset directory (reads semantics.pt there, writes aligned.pt there)"""
     semantics: str = ""
     """stage-1 artifact to read (default: DATA/semantics.pt)"""

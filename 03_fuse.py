@@ -38,7 +38,7 @@ log = logging.getLogger("dmesr")
 
 @dataclass
 class Config:
-    data: str = ""  # positional; a default only because common.parse_config needs one for every field
+    data: str
     """dataset directory (reads semantics.pt and aligned.pt there)"""
     semantics: str = ""
     """stage-1 artifact (default: DATA/semantics.pt)"""

@@ -68,8 +68,12 @@ def main(argv=None):
     p.add_argument("--variants", default="", help="comma-separated subset of: " + ",".join(v[0] for v in VARIANTS)
                    + ",dmesr_ft (default: all, dmesr_ft only with --finetune)")
     p.add_argument("--train-args", default="", help="extra flags passed to every stage-4 run (quoted)")
-    p.add_argument("--fuse-args", default="", help="extra flags passed to every stage-3 run (quoted)")
+    p.add_argument("--fuse-args", default="", help="extra flags passed to every stage-3 run (quoted); with --tag, "
+                   "the stage-3 artifacts get the tag too (fused_<tag>.pt), else the default ones are shared")
     p.add_argument("--tag", default="", help="suffix for run names and the result file (a design-choice experiment)")
+    p.add_argument("--share-plain", action="store_true", help="the plain runs keep their untagged names (for a --tag "
+                   "whose flags cannot change the plain backbone, e.g. --no-id-emb)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per stage run (1 is fastest on shared cores)")
     p.add_argument("--rerun-stage3", action="store_true", help="rebuild the stage-2/3 artifacts even if present")
     a = p.parse_args(argv)
 
@@ -81,28 +85,30 @@ def main(argv=None):
         variants = [v for v in VARIANTS + [FINETUNE] if v[0] in want]
     logs = data / "runs" / "_ablation_logs"
     sfx = f"_{a.tag}" if a.tag else ""
+    fsfx = sfx if a.fuse_args else ""  # a tag only makes its own stage-3 artifacts when stage 3 runs differently
 
     # ---- stages 2 and 3, once per artifact ----
     if not (data / "aligned.pt").is_file() or a.rerun_stage3:
-        run(["02_align.py", str(data)], logs / "02_align.log")
+        run(["02_align.py", str(data), "--threads", str(a.threads)], logs / "02_align.log")
     for art in sorted({v[3] for v in variants if v[3]}):
-        out = data / art.replace(".pt", f"{sfx}.pt")
+        out = data / art.replace(".pt", f"{fsfx}.pt")
         if not out.is_file() or a.rerun_stage3:
-            run(["03_fuse.py", str(data), "--out", out.name, *STAGE3_FLAGS[art], *shlex.split(a.fuse_args)],
+            run(["03_fuse.py", str(data), "--out", out.name, "--threads", str(a.threads), *STAGE3_FLAGS[art],
+                 *shlex.split(a.fuse_args)],
                 logs / f"03_{out.stem}.log")
 
     # ---- stage 4, once per (variant, seed) ----
     names: dict[str, list[str]] = {}
     for key, label, flags, art in variants:
         for seed in seeds:
-            name = f"{a.backbone}_{a.loss}_{key}{sfx}_s{seed}"
+            name = f"{a.backbone}_{a.loss}_{key}{'' if key == 'id' and a.share_plain else sfx}_s{seed}"
             names.setdefault(key, []).append(name)
             if (data / "runs" / name / "results.json").is_file():
                 print(f"reusing {name}", flush=True)
                 continue
-            fl = [f.format(data=data).replace(".pt", f"{sfx}.pt") if art else f for f in flags]
+            fl = [f.format(data=data).replace(".pt", f"{fsfx}.pt") if art else f for f in flags]
             run(["04_train_backbone.py", str(data), "--backbone", a.backbone, "--loss", a.loss, "--seed", str(seed),
-                 "--name", name, *fl, *shlex.split(a.train_args)], logs / f"{name}.log")
+                 "--name", name, "--threads", str(a.threads), *fl, *shlex.split(a.train_args)], logs / f"{name}.log")
 
     # ---- the table: mean ± std over seeds, full ranking, overall and tail items ----
     res = {k: [load_run(data, n) for n in ns] for k, ns in names.items()}
@@ -120,6 +126,8 @@ def main(argv=None):
     def verdict(key: str, col: str) -> str:
         (m1, s1), (m0, s0) = summary[key][col], summary["id"][col]
         gap = m1 - m0
+        if len(seeds) < 2:
+            return f"{gap:+.4f} (one seed: no std, no verdict)"
         ok = "**yes**" if gap > s0 + s1 else "no"
         return f"{gap:+.4f} vs std sum {s0 + s1:.4f}: {ok}"
 

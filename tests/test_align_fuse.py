@@ -219,3 +219,23 @@ def test_stage3_refuses_semantics_from_another_dataset(tmp_path, tiny_dataset):
     (other / "semantics.pt").write_bytes((tiny_dataset / "semantics.pt").read_bytes())
     p = run_script("03_fuse.py", other, "--no-align", check=False)
     assert p.returncode != 0 and "made from another dataset" in p.stderr
+
+
+def test_compare_table_reports_protocol_loss_seed_and_tail(tmp_path):
+    def write(name, views, seed, ndcg, tail):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        m = {"NDCG@10": ndcg, "HR@10": 2 * ndcg, "MRR": ndcg / 2}
+        (d / "results.json").write_text(json.dumps({
+            "config": {"backbone": "sasrec", "loss": "ce", "views": views, "seed": seed, "fused": ""},
+            "test": {"full": m, "sampled100": {k: 3 * v for k, v in m.items()},
+                     "groups": {"tail_items": {"full": {"NDCG@10": tail}}, "head_items": {"full": {"NDCG@10": 0.9}}}}}))
+    write("plain", "id", 42, 0.0123, 0.0011)
+    write("dmesr", "dual", 43, 0.0456, 0.0022)
+    out = run_script("bench/compare.py", tmp_path, "plain", "dmesr").stdout
+    rows = [r for r in out.splitlines() if r.startswith("| plain") or r.startswith("| dmesr")]
+    assert rows[0].split(" | ")[1:] == ["sasrec", "id", "full", "ce", "42", "0.0123", "0.0246", "0.0062", "0.0011 |"]
+    assert rows[1].split(" | ")[5:7] == ["43", "0.0456"] and rows[1].endswith("0.0022 |")
+    assert "0.1368" in run_script("bench/compare.py", tmp_path, "dmesr", "--protocol", "sampled100").stdout
+    p = run_script("bench/compare.py", tmp_path, "missing", check=False)
+    assert p.returncode != 0 and "runs/missing/results.json: not found" in p.stderr
