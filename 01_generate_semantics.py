@@ -467,18 +467,14 @@ def run_local(backend, reqs: list[Request], cache: Cache, batch_size: int, every
     # batches stay within one view so every row of a batch has the same number of images (0 or 1); similar prompt
     # lengths together waste less compute on left padding
     reqs = sorted(reqs, key=lambda r: (VIEWS.index(r.view), len(r.prompt), r.row))
+    groups = [[r for r in reqs if r.view == v] for v in VIEWS]
+    batches = [grp[s:s + batch_size] for grp in groups for s in range(0, len(grp), batch_size)]
     prog = Progress(len(reqs), every, backend.label)
-    for s in range(0, len(reqs), batch_size):
-        chunk = reqs[s:s + batch_size]
-        if len({r.view for r in chunk}) > 1:  # split at a view boundary
-            chunk = [r for r in chunk if r.view == chunk[0].view]
+    for chunk in batches:
         for r, text in zip(chunk, backend.generate(chunk)):
             cache.add(r, text, **(backend.extra(r) if hasattr(backend, "extra") else {}))
         prog.step(len(chunk))
-    # the view-boundary split above can leave requests unprocessed: pick them up
-    left = [r for r in reqs if r.key not in cache.done]
-    rate = prog.close()
-    return run_local(backend, left, cache, batch_size, every) if left else rate
+    return prog.close()
 
 
 def run_endpoint(backend: EndpointBackend, reqs: list[Request], cache: Cache, concurrency: int, max_failures: int,

@@ -397,7 +397,7 @@ def vlm_images(tmp_path_factory):
 @pytest.mark.parametrize("name", ["qwen2vl", "llava", "idefics3"])
 def test_hf_backend_plumbing(tiny_vlms, vlm_images, name):
     folder, per_image = tiny_vlms[name]
-    be = g.HFBackend(str(folder), torch.device("cpu"), max_new_tokens=5)
+    be = g.HFBackend(str(folder), torch.device("cpu"), max_new_tokens=5, dtype=torch.float32)
     assert be.tokenizer.padding_side == "left"
     img_id = be.model.config.image_token_id
     # prompts of different lengths so the batch needs padding
