@@ -471,14 +471,15 @@ def full_ranks(h, table, target, chunk: int = 0) -> torch.Tensor:
         return count_at_least(s, s.gather(1, target[:, None] - 1))  # includes the target itself: the "1 +"
     pad = table.new_zeros(chunk, table.shape[1])
     rows = torch.arange(len(h), device=h.device)
+    s = torch.empty(len(h), chunk, dtype=h.dtype, device=h.device)  # one buffer: fresh pages per chunk cost more than the matmul
     t = torch.empty(len(h), 1, dtype=h.dtype, device=h.device)
     for g in range(0, len(h), chunk):  # target scores: the targets of `chunk` rows laid out as one chunk
         tv = torch.cat([table[target[g:g + chunk] - 1], pad])[:chunk]
-        t[g:g + chunk, 0] = (h @ tv.T)[rows[g:g + chunk], rows[g:g + chunk] - g]
+        t[g:g + chunk, 0] = torch.mm(h, tv.T, out=s)[rows[g:g + chunk], rows[g:g + chunk] - g]
     r = torch.ones(len(h), dtype=torch.long, device=h.device)
     for c in range(0, N, chunk):
         w = table[c:c + chunk]
-        s = h @ (w if len(w) == chunk else torch.cat([w, pad[len(w):]])).T
+        torch.mm(h, (w if len(w) == chunk else torch.cat([w, pad[len(w):]])).T, out=s)
         own = (target - 1 >= c) & (target - 1 < c + chunk)
         r[own] -= (s[rows[own], target[own] - 1 - c] >= t[own, 0]).long()
         r -= (chunk - len(w)) * (t[:, 0] <= 0).long()  # zero padding scores 0: take back what it added

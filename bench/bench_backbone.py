@@ -1,0 +1,100 @@
+"""Stage-4 speed in one run: training sequences/second, full-ranking evaluation users/second and peak memory for each
+backbone, and the speed ratio of the SDPA attention path against the plain masked-softmax path on the same batches.
+
+    python bench/bench_backbone.py data/beauty [--batches 40] [--threads 0]
+
+Each backbone trains --batches batches of one epoch through 04_train_backbone.py itself (a subprocess per backbone,
+so the peak resident memory is that run's own), then evaluates every validation user; the figures are read from its
+results.json. The SDPA/plain ratio times SASRec forward + backward (ce) in-process on the same model and batches,
+alternating the two paths so machine load hits both alike. Figures depend on the machine and on its load: the
+printout says how many cores torch used.
+"""
+import argparse
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+
+stage4 = importlib.import_module("04_train_backbone")
+
+
+def run_backbone(data, backbone, loss, batches, threads, attention="sdpa"):
+    name = f"_bench_{backbone}_{loss}_{attention}"
+    cmd = [sys.executable, str(ROOT / "04_train_backbone.py"), data, "--backbone", backbone, "--loss", loss,
+           "--views", "id", "--epochs", "1", "--max-batches", str(batches), "--attention", attention,
+           "--name", name, "--threads", str(threads)]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = Path(data) / "runs" / name
+    res = json.loads((out / "results.json").read_text())
+    shutil.rmtree(out)
+    ep = res["curve"][0]
+    n_eval = res["dataset"]["report"]["users"]
+    return {"seq_per_s": ep["seq_per_s"], "eval_users_per_s": n_eval / ep["eval_seconds"],
+            "peak_mb": res["peak_memory_mb"]}
+
+
+def sdpa_vs_plain(data, batches, reps=3):
+    """Seconds per batch (forward + backward, ce) of SASRec with each attention path; same weights, same batches."""
+    ds = common.load_dataset(data, check_images=False)
+    train_seqs, _ = ds.split()
+    cfg = stage4.Config(data=data)
+    tr, lens = stage4.right_aligned(train_seqs, cfg.max_len + 1)
+    lens = lens - 1
+    keep = lens >= 1
+    tr, lens = tr[keep], lens[keep]
+    torch.manual_seed(0)
+    model = stage4.Recommender(cfg, ds.n_items, ["id"], None)
+    order = stage4.batch_order(lens, cfg.batch_size, np.random.default_rng(0), True)[:batches]
+    inputs = [torch.from_numpy(tr[b][:, -(int(lens[b].max()) + 1):]) for b in order]
+
+    def one_pass():
+        t0 = time.perf_counter()
+        for x in inputs:
+            inp, tgt = x[:, :-1], x[:, 1:]
+            pos = inp != 0
+            h, vecs = model(inp, True)
+            stage4.ce_loss_sum(h[pos], model.table(vecs), tgt[pos]).backward()
+            model.zero_grad(set_to_none=True)
+        return (time.perf_counter() - t0) / len(inputs)
+
+    times = {"sdpa": [], "plain": []}
+    for _ in range(reps):
+        for impl in ("sdpa", "plain"):
+            for b in model.backbone.blocks:
+                b.attention = impl
+            times[impl].append(one_pass())
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("data", help="dataset directory (e.g. data/beauty)")
+    p.add_argument("--batches", type=int, default=40, help="training batches timed per backbone")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, data {a.data}, {a.batches} batches of 128")
+    rows = []
+    for backbone, loss in [("sasrec", "ce"), ("sasrec", "bce"), ("gru4rec", "ce"), ("bert4rec", "ce")]:
+        r = run_backbone(a.data, backbone, loss, a.batches, a.threads)
+        rows.append((backbone, loss, r))
+        print(f"{backbone:9s} {loss:4s} train {r['seq_per_s']:8.0f} seq/s | eval {r['eval_users_per_s']:8.0f} users/s "
+              f"| peak {r['peak_mb']:6.0f} MB", flush=True)
+    t = sdpa_vs_plain(a.data, min(a.batches, 20))
+    print(f"SASRec ce forward+backward per batch: sdpa {t['sdpa'] * 1e3:.1f} ms, plain {t['plain'] * 1e3:.1f} ms, "
+          f"plain/sdpa time ratio {t['plain'] / t['sdpa']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
