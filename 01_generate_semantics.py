@@ -25,7 +25,6 @@ import base64
 import concurrent.futures as cf
 import hashlib
 import importlib.util
-import io
 import json
 import os
 import socket
@@ -76,7 +75,7 @@ class Config:
     data: str = ""
     """dataset directory (items.jsonl, interactions.csv, images/)"""
     mllm: str = "compact"
-    """backend: 'compact' (offline CPU stand-in), a Hugging Face image-text-to-text model id/path, or an http(s)://.../v1 endpoint"""
+    """'compact' (offline CPU stand-in), a Hugging Face image-text-to-text model id/path, or an http(s)://.../v1 endpoint"""
     prompts: str = "img,txt,mm"
     """comma-separated subset of the three prompts to run (img = image only, txt = text only, mm = image + text)"""
     style: str = "description"
@@ -108,7 +107,7 @@ class Config:
     limit: int = 0
     """only the first N items (quick look); writes semantics_limitN.pt unless --out is given"""
     shard: str = ""
-    """'K/N': generate only items with index % N == K-1 into the cache (K = 1..N); merge later with --merge"""
+    """'K/N': generate only the items whose row mod N is K-1 (K = 1..N) into the cache; combine later with --merge"""
     merge: bool = False
     """combine the cache files (e.g. of all shards) into semantics.pt without loading an MLLM; fails if items are missing"""
     out: str = ""
@@ -118,7 +117,7 @@ class Config:
     device: str = "auto"
     """'auto', 'cpu' or 'cuda'"""
     dtype: str = "auto"
-    """LM weights: 'auto' = bfloat16 on CUDA, float32 on CPU except compact on a CPU with AVX512-BF16/AMX (1.6x faster); or bfloat16/float32"""
+    """LM weights: auto = bf16 on CUDA and for compact on AVX512-BF16/AMX CPUs (1.6x), else float32; or bfloat16/float32"""
     threads: int = 0
     """CPU threads for torch (0 = torch's default); 1 is much faster when other jobs share the cores"""
     log_every: float = 30.0

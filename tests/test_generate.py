@@ -10,7 +10,6 @@ import importlib
 import json
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -298,6 +297,12 @@ def test_items_without_text_or_image_refused_clearly(tmp_path):
         run_main(root, "--prompts", "img,audio")
     with pytest.raises(SystemExit, match="--shard"):
         run_main(root, "--shard", "3/2")
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(g.Config, ["--help"])
+    assert all(f"--{f.replace('_', '-')}" in capsys.readouterr().out for f in g.Config.__dataclass_fields__ if f != "data")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
