@@ -302,7 +302,8 @@ def test_items_without_text_or_image_refused_clearly(tmp_path):
 def test_help_lists_every_flag(capsys):
     with pytest.raises(SystemExit):
         parse_config(g.Config, ["--help"])
-    assert all(f"--{f.replace('_', '-')}" in capsys.readouterr().out for f in g.Config.__dataclass_fields__ if f != "data")
+    out = capsys.readouterr().out
+    assert all(f"--{f.replace('_', '-')}" in out for f in g.Config.__dataclass_fields__ if f != "data")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
