@@ -535,7 +535,8 @@ def protocol_metrics(rf, rs) -> dict:
 # Plumbing: run setup (views, distributed), checkpointing
 # ----------------------------------------------------------------------------------------------------------------------
 
-def resolve_views(cfg: Config) -> tuple[list[str], dict | None, Path | None, str]:
+def resolve_views(cfg: Config) -> tuple[list[str], Path | None, str]:
+    """The views to build, the fused file they come from (None for the plain backbone), and the mode's name."""
     data = Path(cfg.data)
     fused_path = Path(cfg.fused) if cfg.fused else data / "fused.pt"
     mode = cfg.views if cfg.views != "auto" else ("dual" if fused_path.is_file() else "id")
@@ -548,7 +549,7 @@ def resolve_views(cfg: Config) -> tuple[list[str], dict | None, Path | None, str
         raise SystemExit(f"--loss {cfg.loss!r}: expected ce or bce")
     if cfg.hidden % cfg.heads:
         raise SystemExit(f"--hidden {cfg.hidden} must be divisible by --heads {cfg.heads}")
-    return views, None, (fused_path if views != ["id"] else None), mode
+    return views, (fused_path if views != ["id"] else None), mode
 
 
 def load_fused(path: Path, ds: common.Dataset) -> dict:
@@ -583,7 +584,7 @@ def train(cfg: Config) -> dict:
         torch.set_num_threads(cfg.threads)
     common.seed_everything(cfg.seed)
 
-    views, _, fused_path, mode = resolve_views(cfg)
+    views, fused_path, mode = resolve_views(cfg)
     ds = common.load_dataset(cfg.data, check_images=False)
     fused = load_fused(fused_path, ds) if fused_path else None
     name = cfg.name or f"{cfg.backbone}_{cfg.loss}_{mode}_s{cfg.seed}"
@@ -617,7 +618,8 @@ def train(cfg: Config) -> dict:
 
     # ---- model and optimiser ----
     model = Recommender(cfg, N, views, fused).to(device)
-    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ddp = model if world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     log.info(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; {len(tr)} training sequences, "
              f"{len(eval_users)} evaluation users, {n_neg} sampled negatives each")
@@ -660,7 +662,7 @@ def train(cfg: Config) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     for epoch in range(1, cfg.epochs + 1):
         rng = np.random.default_rng([cfg.seed, epoch])  # the same stream on every rank: same global batches
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         ddp.train()
         # per-epoch randomness drawn for all sequences at once (vectorised): cloze masks and bce negatives
         width = tr.shape[1] - (0 if bert else 1)
@@ -697,7 +699,9 @@ def train(cfg: Config) -> dict:
         train_s += dt
         n_seq = sum(len(b) for b in batches)
         seqs_seen += n_seq
-        row = {"epoch": epoch, "loss": total / max(n_pos, 1), "train_seconds": dt, "seq_per_s": n_seq / dt}
+        # CPU seconds of this process (all threads) beside wall seconds: on a shared machine wall time measures the load
+        row = {"epoch": epoch, "loss": total / max(n_pos, 1), "train_seconds": dt, "seq_per_s": n_seq / dt,
+               "train_cpu_seconds": time.process_time() - c0}
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             te = time.perf_counter()
             rf, rs = evaluate(model, val_hist, val_tgt, negs, cfg, device, bert, rank, world)
