@@ -147,6 +147,16 @@ def test_chunked_ranking_equals_unchunked_with_duplicate_items():
         assert torch.equal(stage4.full_ranks(h, table, target, chunk), ref)
 
 
+def test_chunked_ce_and_chunked_evaluation_train_the_same_model(tiny_dataset):
+    """--ce-chunk / --eval-chunk bound memory by positions x chunk and users x chunk; they must not change results."""
+    kw = dict(data=str(tiny_dataset), epochs=3, batch_size=16, hidden=16, dropout=0.0, views="id", threads=1)
+    a = stage4.train(stage4.Config(name="plain", **kw))
+    b = stage4.train(stage4.Config(name="chunked", ce_chunk=7, eval_chunk=9, eval_batch=13, **kw))
+    for x, y in zip(a["curve"], b["curve"]):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["valid"]["full"] == pytest.approx(y["valid"]["full"], abs=1e-9)
+
+
 # ---- sampled negatives ----
 
 def test_sampled_negatives_are_fixed_distinct_and_never_the_users_items():
