@@ -277,7 +277,8 @@ def test_sasrec_ce_on_real_beauty_reaches_published_level(tmp_path):
         pytest.skip(f"real data not found at {src} (../shared/data is only on the development machines)")
     data = tmp_path / "beauty"
     run_script("data/prepare.py", "beauty", "--out", data)
-    run_script("04_train_backbone.py", data, "--views", "id", "--name", "slow", timeout=3600)
+    # one thread: the exact configuration of the measured run below (CPU float sums depend on the thread count)
+    run_script("04_train_backbone.py", data, "--views", "id", "--name", "slow", "--threads", "1", timeout=3600)
     res = json.loads((data / "runs" / "slow" / "results.json").read_text())
     # Floor = the low end of published SASRec results on this file (NDCG@10 0.0327-0.0416). Measured here with the
     # defaults, seed 42: test NDCG@10 0.0349, HR@10 0.0715 (validation 0.0411). The target (0.040 / 0.075) is
