@@ -613,31 +613,36 @@ def _find(path: Path) -> Path:
     raise PrepareError(f"{path}: file not found (nor with/without .gz)")
 
 
+def _jsonl(path: Path, desc: str):
+    """(line number, object) for every non-blank line of a JSONL(.gz) file; bad JSON names file and line."""
+    with _open_text(path) as f:
+        for lineno, line in enumerate(tqdm(f, desc=desc, unit="line", file=sys.stderr, mininterval=2), 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PrepareError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
 def build_amazon2023(a) -> dict:
     out = Path(a.out)
     reviews = _find(Path(a.reviews) if a.reviews else Path(a.src) / f"{a.category}.jsonl")
     metas = _find(Path(a.meta) if a.meta else Path(a.src) / f"meta_{a.category}.jsonl")
 
     uid, iid, u, i, t = {}, {}, [], [], []
-    with _open_text(reviews) as f:
-        for lineno, line in enumerate(tqdm(f, desc="reviews", unit="line", file=sys.stderr, mininterval=2), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PrepareError(f"{reviews}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            item = r.get("parent_asin") or r.get("asin")
-            for name, val in (("user_id", r.get("user_id")), ("parent_asin", item), ("timestamp", r.get("timestamp"))):
-                if val in (None, ""):
-                    raise PrepareError(f"{reviews}:{lineno}: field {name!r} is missing or empty")
-            try:
-                t.append(int(r["timestamp"]))
-            except (TypeError, ValueError):
-                raise PrepareError(f"{reviews}:{lineno}: field 'timestamp': {r['timestamp']!r} is not an integer "
-                                   f"(milliseconds)") from None
-            u.append(uid.setdefault(r["user_id"], len(uid)))
-            i.append(iid.setdefault(item, len(iid)))
+    for lineno, r in _jsonl(reviews, "reviews"):
+        item = r.get("parent_asin") or r.get("asin")
+        for name, val in (("user_id", r.get("user_id")), ("parent_asin", item), ("timestamp", r.get("timestamp"))):
+            if val in (None, ""):
+                raise PrepareError(f"{reviews}:{lineno}: field {name!r} is missing or empty")
+        try:
+            t.append(int(r["timestamp"]))
+        except (TypeError, ValueError):
+            raise PrepareError(f"{reviews}:{lineno}: field 'timestamp': {r['timestamp']!r} is not an integer "
+                               f"(milliseconds)") from None
+        u.append(uid.setdefault(r["user_id"], len(uid)))
+        i.append(iid.setdefault(item, len(iid)))
     u, i, t = np.asarray(u, dtype=np.int64), np.asarray(i, dtype=np.int64), np.asarray(t, dtype=np.int64)
     # one interaction per (user, item): the first one in time (repeat reviews are not repeat purchases)
     order = np.lexsort((np.arange(len(u)), t, i, u))
@@ -654,17 +659,10 @@ def build_amazon2023(a) -> dict:
     wanted = {item_names[k] for k in used}
 
     meta: dict[str, dict] = {}
-    with _open_text(metas) as f:
-        for lineno, line in enumerate(tqdm(f, desc="metadata", unit="line", file=sys.stderr, mininterval=2), 1):
-            if not line.strip():
-                continue
-            try:
-                m = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PrepareError(f"{metas}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            key = m.get("parent_asin") or m.get("asin")
-            if key in wanted and key not in meta:
-                meta[key] = m
+    for _, m in _jsonl(metas, "metadata"):
+        key = m.get("parent_asin") or m.get("asin")
+        if key in wanted and key not in meta:
+            meta[key] = m
     items, jobs = [], []
     new_index = np.full(len(item_names), -1)
     for k in sorted(used):
