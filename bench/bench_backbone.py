@@ -75,6 +75,26 @@ def sdpa_vs_plain(data, batches, full_length=False, reps=3):
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
+def ce_vs_cross_entropy(data, positions=1150, d=64, reps=5):
+    """CPU ms of the ce loss forward + backward on one Beauty-sized step ([positions, d] states against every item):
+    stage 4's hand-written SoftmaxCE against F.cross_entropy on the same logits, alternated, median of reps."""
+    n = common.load_dataset(data, check_images=False).n_items
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(positions, d, generator=g).requires_grad_()
+    W = (torch.randn(n, d, generator=g) * d ** -0.5).requires_grad_()
+    y = torch.randint(1, n + 1, (positions,), generator=g)
+    paths = {"SoftmaxCE": lambda: stage4.ce_loss_sum(h, W, y),
+             "F.cross_entropy": lambda: torch.nn.functional.cross_entropy(h @ W.T, y - 1, reduction="sum")}
+    times = {k: [] for k in paths}
+    for _ in range(reps):
+        for k, f in paths.items():
+            t0 = time.process_time()
+            f().backward()
+            times[k].append(time.process_time() - t0)
+            h.grad = W.grad = None
+    return {k: float(np.median(v)) * 1e3 for k, v in times.items()}, n
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("data", help="dataset directory (e.g. data/beauty)")
@@ -93,6 +113,9 @@ def main():
         print(f"{backbone:9s} {loss:4s} train {r['seq_per_s']:8.0f} seq/s ({r['seq_per_cpu_s']:6.0f} per CPU-second) | "
               f"eval {r['eval_users_per_s']:8.0f} users/s "
               f"| peak {r['peak_mb']:6.0f} MB", flush=True)
+    t, n = ce_vs_cross_entropy(a.data)
+    print(f"ce loss forward+backward, 1150 positions x {n} items: CPU ms SoftmaxCE {t['SoftmaxCE']:.1f}, "
+          f"F.cross_entropy {t['F.cross_entropy']:.1f}; speed-up {t['F.cross_entropy'] / t['SoftmaxCE']:.2f}x")
     for full in (False, True):
         t = sdpa_vs_plain(a.data, min(a.batches, 20), full)
         print(f"SASRec transformer forward+backward, {'all 50 columns' if full else 'trimmed batches'}: CPU ms per "
