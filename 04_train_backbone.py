@@ -84,8 +84,8 @@ class Config:
     """maximum number of epochs"""
     max_batches: int = 0
     """end each epoch after this many batches (0 = all); for benchmarks and smoke runs"""
-    patience: int = 10
-    """stop after this many evaluations without a better validation NDCG@10"""
+    patience: int = 30
+    """stop after this many evaluations without a better validation NDCG@10 (10 stopped MovieLens and bce runs in early plateaus)"""
     eval_every: int = 1
     """epochs between validation evaluations"""
     eval_batch: int = 1024

@@ -6,6 +6,7 @@ Runs what is missing, in order: stage 2 (DATA/aligned.pt) and the stage-3 varian
 --no-align; fused_nocross.pt with --no-cross), then stage 4 once per (variant, seed):
   plain backbone (--views id) | DMESR (--views dual) | w/o alignment | w/o cross-attention fusion |
   MLLM view only (--views A) | original-text view only (--views B) | [DMESR + --finetune-fusion]
+  | [synthetic data only: the content ceiling, --views dual on fused_oracle.pt = the generator's true attributes]
 A finished run (DATA/runs/<name>/results.json) is reused, so an interrupted comparison resumes where it stopped.
 Writes bench/results/<dataset>_<backbone>[_<loss>][_<tag>].md: test metrics, full ranking over all items (the primary
 protocol), overall and on tail items, mean ± sample std over the seeds, with protocol, loss, dataset and seeds.
@@ -13,6 +14,7 @@ protocol), overall and on tail items, mean ± sample std over the seeds, with pr
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shlex
 import statistics
@@ -37,6 +39,12 @@ VARIANTS = [
 ]
 FINETUNE = ("dmesr_ft", "DMESR + fine-tuned fusion", ["--views", "dual", "--fused", "{data}/fused.pt",
                                                       "--finetune-fusion"], "fused.pt")
+# On synthetic data the generating attributes are known: h_A = one-hot image attributes (category, colour, shape,
+# pattern), h_B = one-hot text attributes (category, brand, price band). Not a method, a ceiling: what perfect content
+# understanding could add over the ID embedding with the same stage-4 plug-in. If it adds nothing, no MLLM can.
+ORACLE = ("oracle", "content ceiling: true attributes (synthetic only)", ["--views", "dual", "--fused",
+                                                                           "{data}/fused_oracle.pt"], None)
+ORACLE_VIEWS = {"h_A": ["category", "colour", "shape", "pattern"], "h_B": ["category", "brand", "price_band"]}
 STAGE3_FLAGS = {"fused.pt": [], "fused_noalign.pt": ["--no-align"], "fused_nocross.pt": ["--no-cross"]}
 COLUMNS = ["NDCG@10", "HR@10", "MRR"]
 
@@ -54,6 +62,27 @@ def run(cmd: list[str], log_path: Path) -> None:
     print(f"  done in {time.time() - t0:.0f}s", flush=True)
 
 
+def write_oracle_fused(data: Path) -> None:
+    import torch
+    sys.path.insert(0, str(ROOT))
+    import common
+    ds = common.load_dataset(data, check_images=False)
+    with open(data / "synthetic_attributes.csv") as f:
+        rows = {r["item_id"]: r for r in csv.DictReader(f)}
+    tables = {}
+    for view, fields in ORACLE_VIEWS.items():
+        vocab = [(f, v) for f in fields for v in sorted({rows[i][f] for i in ds.item_ids})]
+        col = {fv: j for j, fv in enumerate(vocab)}
+        x = torch.zeros(ds.n_items, len(vocab))
+        for n, i in enumerate(ds.item_ids):
+            x[n, [col[(f, rows[i][f])] for f in fields]] = 1.0
+        tables[view] = x
+    d = max(t.shape[1] for t in tables.values())  # stage 4 reads both views at one width
+    tables = {k: torch.nn.functional.pad(t, (0, d - t.shape[1])) for k, t in tables.items()}
+    common.save_artifact(data / "fused_oracle.pt", "fused", {"item_ids": ds.item_ids, **tables},
+                         {"oracle": ORACLE_VIEWS, "source": "synthetic_attributes.csv"}, ds.fingerprint)
+
+
 def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
@@ -66,7 +95,7 @@ def main(argv=None):
     p.add_argument("--loss", default="ce", help="ce | bce")
     p.add_argument("--finetune", action="store_true", help="also run DMESR with --finetune-fusion")
     p.add_argument("--variants", default="", help="comma-separated subset of: " + ",".join(v[0] for v in VARIANTS)
-                   + ",dmesr_ft (default: all, dmesr_ft only with --finetune)")
+                   + ",dmesr_ft,oracle (default: all; dmesr_ft only with --finetune; oracle on synthetic data)")
     p.add_argument("--train-args", default="", help="extra flags passed to every stage-4 run (quoted)")
     p.add_argument("--fuse-args", default="", help="extra flags passed to every stage-3 run (quoted); with --tag, "
                    "the stage-3 artifacts get the tag too (fused_<tag>.pt), else the default ones are shared")
@@ -79,10 +108,11 @@ def main(argv=None):
 
     data = Path(a.data)
     seeds = [int(s) for s in a.seeds.split(",") if s]
-    variants = VARIANTS + ([FINETUNE] if a.finetune else [])
+    synthetic = (data / "synthetic_attributes.csv").is_file()
+    variants = VARIANTS + ([FINETUNE] if a.finetune else []) + ([ORACLE] if synthetic else [])
     if a.variants:
         want = a.variants.split(",")
-        variants = [v for v in VARIANTS + [FINETUNE] if v[0] in want]
+        variants = [v for v in VARIANTS + [FINETUNE, ORACLE] if v[0] in want]
     logs = data / "runs" / "_ablation_logs"
     sfx = f"_{a.tag}" if a.tag else ""
     fsfx = sfx if a.fuse_args else ""  # a tag only makes its own stage-3 artifacts when stage 3 runs differently
@@ -97,6 +127,9 @@ def main(argv=None):
                  *shlex.split(a.fuse_args)],
                 logs / f"03_{out.stem}.log")
 
+    if any(v[0] == "oracle" for v in variants) and not (data / "fused_oracle.pt").is_file():
+        write_oracle_fused(data)
+
     # ---- stage 4, once per (variant, seed) ----
     names: dict[str, list[str]] = {}
     for key, label, flags, art in variants:
@@ -106,7 +139,7 @@ def main(argv=None):
             if (data / "runs" / name / "results.json").is_file():
                 print(f"reusing {name}", flush=True)
                 continue
-            fl = [f.format(data=data).replace(".pt", f"{fsfx}.pt") if art else f for f in flags]
+            fl = [f.format(data=data).replace(".pt", f"{fsfx}.pt") if art else f.format(data=data) for f in flags]
             run(["04_train_backbone.py", str(data), "--backbone", a.backbone, "--loss", a.loss, "--seed", str(seed),
                  "--name", name, "--threads", str(a.threads), *fl, *shlex.split(a.train_args)], logs / f"{name}.log")
 
