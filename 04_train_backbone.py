@@ -684,7 +684,8 @@ def train(cfg: Config) -> dict:
         # One constant divisor per epoch, not each batch's own position count: bucketed batches hold similar lengths,
         # so a per-batch mean would weight a position in a batch of short histories up to 10x more than one in a batch
         # of long ones. Measured on Beauty (SASRec ce, seed 42): validation NDCG@10 plateaued at 0.041 with the
-        # per-batch mean and reached 0.048 with this (the same as unbucketed batches, at the bucketed speed).
+        # per-batch mean (test 0.0349) and reaches 0.049 with this (test 0.0398), like unbucketed batches (0.049 at
+        # epoch 41) but at the bucketed speed.
         norm = max(float(cloze.sum() if bert else tr_len.sum()) / len(batches), 1.0)
         batches = batches[:cfg.max_batches] if cfg.max_batches > 0 else batches
         total, n_pos = 0.0, 0

@@ -280,7 +280,7 @@ def test_sasrec_ce_on_real_beauty_reaches_published_level(tmp_path):
     # one thread: the exact configuration of the measured run below (CPU float sums depend on the thread count)
     run_script("04_train_backbone.py", data, "--views", "id", "--name", "slow", "--threads", "1", timeout=3600)
     res = json.loads((data / "runs" / "slow" / "results.json").read_text())
-    # Floor = the low end of published SASRec results on this file (NDCG@10 0.0327-0.0416). Measured here with the
-    # defaults, seed 42: test NDCG@10 0.0349, HR@10 0.0715 (validation 0.0411). The target (0.040 / 0.075) is
-    # not reached yet; this guards against regressions below the published range.
-    assert res["test"]["full"]["NDCG@10"] >= 0.033 and res["test"]["full"]["HR@10"] >= 0.068
+    # Measured with these defaults, seed 42, one thread: test NDCG@10 0.0398, HR@10 0.0814 (validation 0.0489), the top
+    # of the published SASRec range on this file (0.0327-0.0416). The floor sits a little below the measurement, so a
+    # change that costs accuracy (e.g. the per-batch loss mean that gave 0.0349 / 0.0715) fails here.
+    assert res["test"]["full"]["NDCG@10"] >= 0.038 and res["test"]["full"]["HR@10"] >= 0.078
