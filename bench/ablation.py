@@ -139,7 +139,8 @@ def main(argv=None):
             if (data / "runs" / name / "results.json").is_file():
                 print(f"reusing {name}", flush=True)
                 continue
-            fl = [f.format(data=data).replace(".pt", f"{fsfx}.pt") if art else f.format(data=data) for f in flags]
+            fl = [f.format(data=data) for f in flags]
+            fl = [f.replace(".pt", f"{fsfx}.pt") for f in fl] if art else fl  # stage-3 artifacts carry the tag
             run(["04_train_backbone.py", str(data), "--backbone", a.backbone, "--loss", a.loss, "--seed", str(seed),
                  "--name", name, "--threads", str(a.threads), *fl, *shlex.split(a.train_args)], logs / f"{name}.log")
 
