@@ -1,6 +1,7 @@
 """The DMESR comparison: plain backbone vs DMESR vs each ablation, several seeds, mean ± std, one markdown table.
 
     python bench/ablation.py DATA --backbone sasrec --seeds 42,43,44 [--loss ce] [--finetune] [--train-args "..."]
+    python bench/ablation.py DATA --jobs 16 --train-args "--device cuda"      (many runs at once on one GPU)
 
 Runs what is missing, in order: stage 2 (DATA/aligned.pt) and the stage-3 variants (fused.pt; fused_noalign.pt with
 --no-align; fused_nocross.pt with --no-cross), then stage 4 once per (variant, seed):
@@ -21,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +62,12 @@ def run(cmd: list[str], log_path: Path) -> None:
         tail = log_path.read_text()[-3000:]
         raise SystemExit(f"failed ({p.returncode}) after {time.time() - t0:.0f}s: {shlex.join(cmd)}\n{tail}")
     print(f"  done in {time.time() - t0:.0f}s", flush=True)
+
+
+def run_all(todo: list, jobs: int) -> None:
+    """Run (cmd, log) pairs, `jobs` at a time; every run is independent (own seed, own output directory)."""
+    with ThreadPoolExecutor(max(1, jobs)) as ex:
+        list(ex.map(lambda t: run(*t), todo))
 
 
 def write_oracle_fused(data: Path) -> None:
@@ -104,6 +112,8 @@ def main(argv=None):
                    "whose flags cannot change the plain backbone, e.g. --no-id-emb)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per stage run (1 is fastest on shared cores)")
     p.add_argument("--rerun-stage3", action="store_true", help="rebuild the stage-2/3 artifacts even if present")
+    p.add_argument("--jobs", type=int, default=1, help="stage runs at a time (stage-3 variants, then stage-4 runs); "
+                   "e.g. many on one GPU with --train-args '--device cuda', or one per core with --threads 1")
     a = p.parse_args(argv)
 
     data = Path(a.data)
@@ -120,18 +130,20 @@ def main(argv=None):
     # ---- stages 2 and 3, once per artifact ----
     if not (data / "aligned.pt").is_file() or a.rerun_stage3:
         run(["02_align.py", str(data), "--threads", str(a.threads)], logs / "02_align.log")
+    todo = []
     for art in sorted({v[3] for v in variants if v[3]}):
         out = data / art.replace(".pt", f"{fsfx}.pt")
         if not out.is_file() or a.rerun_stage3:
-            run(["03_fuse.py", str(data), "--out", out.name, "--threads", str(a.threads), *STAGE3_FLAGS[art],
-                 *shlex.split(a.fuse_args)],
-                logs / f"03_{out.stem}.log")
+            todo.append((["03_fuse.py", str(data), "--out", out.name, "--threads", str(a.threads), *STAGE3_FLAGS[art],
+                          *shlex.split(a.fuse_args)], logs / f"03_{out.stem}.log"))
+    run_all(todo, a.jobs)
 
     if any(v[0] == "oracle" for v in variants) and not (data / "fused_oracle.pt").is_file():
         write_oracle_fused(data)
 
     # ---- stage 4, once per (variant, seed) ----
     names: dict[str, list[str]] = {}
+    todo = []
     for key, label, flags, art in variants:
         for seed in seeds:
             name = f"{a.backbone}_{a.loss}_{key}{'' if key == 'id' and a.share_plain else sfx}_s{seed}"
@@ -141,8 +153,10 @@ def main(argv=None):
                 continue
             fl = [f.format(data=data) for f in flags]
             fl = [f.replace(".pt", f"{fsfx}.pt") for f in fl] if art else fl  # stage-3 artifacts carry the tag
-            run(["04_train_backbone.py", str(data), "--backbone", a.backbone, "--loss", a.loss, "--seed", str(seed),
-                 "--name", name, "--threads", str(a.threads), *fl, *shlex.split(a.train_args)], logs / f"{name}.log")
+            todo.append((["04_train_backbone.py", str(data), "--backbone", a.backbone, "--loss", a.loss, "--seed",
+                          str(seed), "--name", name, "--threads", str(a.threads), *fl, *shlex.split(a.train_args)],
+                         logs / f"{name}.log"))
+    run_all(todo, a.jobs)
 
     # ---- the table: mean ± std over seeds, full ranking, overall and tail items ----
     res = {k: [load_run(data, n) for n in ns] for k, ns in names.items()}
@@ -155,7 +169,11 @@ def main(argv=None):
         cells["sampled100 HR@10"] = mean_std([metrics(r, "sampled100").get("HR@10", float("nan")) for r in res[key]])
         summary[key] = cells
         secs = statistics.fmean(r.get("train_seconds", float("nan")) for r in res[key])
-        rows.append(f"| {label} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in cells.values()) + f" | {secs:.0f} |")
+        # where each run stopped: a variant whose runs stop early (or hit the epoch cap) is not trained like the others
+        ep = ", ".join(f"{r.get('best_epoch', '?')}/{r.get('epochs_run', '?')}{'*' if r.get('interrupted_by') else ''}"
+                       for r in res[key])
+        rows.append(f"| {label} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in cells.values())
+                    + f" | {ep} | {secs:.0f} |")
 
     def verdict(key: str, col: str) -> str:
         (m1, s1), (m0, s0) = summary[key][col], summary["id"][col]
@@ -166,7 +184,7 @@ def main(argv=None):
         return f"{gap:+.4f} vs std sum {s0 + s1:.4f}: {ok}"
 
     cfg0 = res[variants[0][0]][0].get("config", {})
-    head = ["variant", *COLUMNS, "tail NDCG@10", "sampled-100 HR@10", "train s"]
+    head = ["variant", *COLUMNS, "tail NDCG@10", "sampled-100 HR@10", "best / last epoch per seed", "train s"]
     lines = [
         f"# {data.name}: {a.backbone}, loss {a.loss}{' (' + a.tag + ')' if a.tag else ''}",
         "",
@@ -174,7 +192,8 @@ def main(argv=None):
         f"(mean ± sample std over seeds). Protocol: leave-one-out test set, **full ranking over all items** "
         f"(sampled-100 HR@10 in its own column); tail items = the tail group of 04_train_backbone.py (by training "
         f"popularity). Stage-4 extra flags: `{a.train_args or 'none'}`; stage-3 extra flags: `{a.fuse_args or 'none'}`."
-        f" Stage-4 epochs/patience as in the runs' configs (e.g. {cfg0.get('epochs', '?')} epochs max).",
+        f" Stage 4: at most {cfg0.get('epochs', '?')} epochs, patience {cfg0.get('patience', '?')} (* = stopped by a "
+        f"signal); device: {res[variants[0][0]][0].get('device', 'not recorded')}.",
         f"Semantics backend: {semantics_label(data)}.",
         "",
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows, "",

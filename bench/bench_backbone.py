@@ -2,12 +2,14 @@
 backbone, and the speed ratio of the SDPA attention path against the plain masked-softmax path on the same batches.
 
     python bench/bench_backbone.py data/beauty [--batches 40] [--threads 0]
+    python bench/bench_backbone.py data/beauty --device cuda        (adds bf16-autocast rows; times are wall + sync)
 
 Each backbone trains --batches batches of one epoch through 04_train_backbone.py itself (a subprocess per backbone,
 so the peak resident memory is that run's own), then evaluates every validation user; the figures are read from its
 results.json. The SDPA/plain ratio times SASRec forward + backward (ce) in-process on the same model and batches,
 alternating the two paths so machine load hits both alike. Figures depend on the machine and on its load: the
-printout says how many cores torch used.
+printout says how many cores torch used. On a GPU the in-process timings are wall seconds after a synchronize (CPU time
+would not see the GPU's work).
 """
 import argparse
 import importlib
@@ -28,11 +30,19 @@ import common  # noqa: E402
 stage4 = importlib.import_module("04_train_backbone")
 
 
-def run_backbone(data, backbone, loss, batches, threads, attention="sdpa"):
-    name = f"_bench_{backbone}_{loss}_{attention}"
+def clock(device) -> float:
+    """CPU seconds of this process on the CPU (other processes' load cancels out); wall seconds after a sync on a GPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return time.process_time()
+
+
+def run_backbone(data, backbone, loss, batches, threads, device, amp=False, attention="sdpa"):
+    name = f"_bench_{backbone}_{loss}_{attention}{'_amp' if amp else ''}"
     cmd = [sys.executable, str(ROOT / "04_train_backbone.py"), data, "--backbone", backbone, "--loss", loss,
            "--views", "id", "--epochs", "1", "--max-batches", str(batches), "--attention", attention,
-           "--name", name, "--threads", str(threads)]
+           "--name", name, "--threads", str(threads), "--device", str(device), *(["--amp"] if amp else [])]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = Path(data) / "runs" / name
     res = json.loads((out / "results.json").read_text())
@@ -43,7 +53,7 @@ def run_backbone(data, backbone, loss, batches, threads, attention="sdpa"):
             "eval_users_per_s": n_eval / ep["eval_seconds"], "peak_mb": res["peak_memory_mb"]}
 
 
-def sdpa_vs_plain(data, batches, full_length=False, reps=3):
+def sdpa_vs_plain(data, batches, device, full_length=False, amp=False, reps=3):
     """CPU seconds per batch of SASRec's transformer forward + backward (the output layer left out, so the figure is
     the attention's share, not the softmax over items) with each attention path: same weights, same batches.
     CPU time of this process, not wall time, so other processes' load on a shared machine cancels out."""
@@ -54,17 +64,19 @@ def sdpa_vs_plain(data, batches, full_length=False, reps=3):
     keep = lens >= 1
     tr, lens = tr[keep], lens[keep]
     torch.manual_seed(0)
-    model = stage4.Recommender(cfg, ds.n_items, ["id"], None)
+    model = stage4.Recommender(cfg, ds.n_items, ["id"], None).to(device)
     order = stage4.batch_order(lens, cfg.batch_size, np.random.default_rng(0), True)[:batches]
     # trimmed batches as training sees them, or all max_len columns (the cost without trimming)
-    inputs = [torch.from_numpy(tr[b] if full_length else tr[b][:, -int(lens[b].max()):]) for b in order]
+    inputs = [torch.from_numpy(tr[b] if full_length else tr[b][:, -int(lens[b].max()):]).to(device) for b in order]
 
     def one_pass():
-        t0 = time.process_time()
+        t0 = clock(device)
         for x in inputs:
-            model.states(x).square().sum().backward()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                y = model.states(x)
+            y.float().square().sum().backward()
             model.zero_grad(set_to_none=True)
-        return (time.process_time() - t0) / len(inputs)
+        return (clock(device) - t0) / len(inputs)
 
     times = {"sdpa": [], "plain": []}
     for _ in range(reps):
@@ -75,22 +87,22 @@ def sdpa_vs_plain(data, batches, full_length=False, reps=3):
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def ce_vs_cross_entropy(data, positions=1150, d=64, reps=5):
+def ce_vs_cross_entropy(data, device, positions=1150, d=64, reps=5):
     """CPU ms of the ce loss forward + backward on one Beauty-sized step ([positions, d] states against every item):
     stage 4's hand-written SoftmaxCE against F.cross_entropy on the same logits, alternated, median of reps."""
     n = common.load_dataset(data, check_images=False).n_items
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(positions, d, generator=g).requires_grad_()
-    W = (torch.randn(n, d, generator=g) * d ** -0.5).requires_grad_()
-    y = torch.randint(1, n + 1, (positions,), generator=g)
-    paths = {"SoftmaxCE": lambda: stage4.ce_loss_sum(h, W, y),
+    h = torch.randn(positions, d, generator=g).to(device).requires_grad_()
+    W = (torch.randn(n, d, generator=g) * d ** -0.5).to(device).requires_grad_()
+    y = torch.randint(1, n + 1, (positions,), generator=g).to(device)
+    paths = {"SoftmaxCE": lambda: stage4.SoftmaxCE.apply(h, W, y - 1, 0),
              "F.cross_entropy": lambda: torch.nn.functional.cross_entropy(h @ W.T, y - 1, reduction="sum")}
     times = {k: [] for k in paths}
     for _ in range(reps):
         for k, f in paths.items():
-            t0 = time.process_time()
+            t0 = clock(device)
             f().backward()
-            times[k].append(time.process_time() - t0)
+            times[k].append(clock(device) - t0)
             h.grad = W.grad = None
     return {k: float(np.median(v)) * 1e3 for k, v in times.items()}, n
 
@@ -101,25 +113,31 @@ def main():
     p.add_argument("--batches", type=int, default=40, help="training batches timed per backbone")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--only-attention", action="store_true", help="skip the per-backbone runs")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (on cuda, bf16-autocast rows are added)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, data {a.data}, {a.batches} batches of 128")
-    rows = []
-    for backbone, loss in [] if a.only_attention else [("sasrec", "ce"), ("sasrec", "bce"), ("gru4rec", "ce"),
-                                                       ("bert4rec", "ce")]:
-        r = run_backbone(a.data, backbone, loss, a.batches, a.threads)
-        rows.append((backbone, loss, r))
-        print(f"{backbone:9s} {loss:4s} train {r['seq_per_s']:8.0f} seq/s ({r['seq_per_cpu_s']:6.0f} per CPU-second) | "
-              f"eval {r['eval_users_per_s']:8.0f} users/s "
-              f"| peak {r['peak_mb']:6.0f} MB", flush=True)
-    t, n = ce_vs_cross_entropy(a.data)
-    print(f"ce loss forward+backward, 1150 positions x {n} items: CPU ms SoftmaxCE {t['SoftmaxCE']:.1f}, "
-          f"F.cross_entropy {t['F.cross_entropy']:.1f}; speed-up {t['F.cross_entropy'] / t['SoftmaxCE']:.2f}x")
+    device = common.pick_device(a.device)
+    gpu = device.type == "cuda"
+    unit = "wall ms (synchronised)" if gpu else "CPU ms"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device "
+          f"{torch.cuda.get_device_name(device) if gpu else 'cpu'}, data {a.data}, {a.batches} batches of 128")
+    runs = [("sasrec", "ce", False), ("sasrec", "bce", False), ("gru4rec", "ce", False), ("bert4rec", "ce", False)]
+    runs += [("sasrec", "ce", True), ("bert4rec", "ce", True)] if gpu else []
+    for backbone, loss, amp in [] if a.only_attention else runs:
+        r = run_backbone(a.data, backbone, loss, a.batches, a.threads, device, amp)
+        per_cpu = "" if gpu else f" ({r['seq_per_cpu_s']:6.0f} per CPU-second)"
+        print(f"{backbone:9s} {loss:4s} {'bf16' if amp else 'fp32'} train {r['seq_per_s']:8.0f} seq/s{per_cpu} | "
+              f"eval {r['eval_users_per_s']:8.0f} users/s | peak {r['peak_mb']:6.0f} MB", flush=True)
+    t, n = ce_vs_cross_entropy(a.data, device)
+    print(f"ce loss forward+backward, 1150 positions x {n} items: {unit} SoftmaxCE {t['SoftmaxCE']:.2f}, "
+          f"F.cross_entropy {t['F.cross_entropy']:.2f}; speed-up {t['F.cross_entropy'] / t['SoftmaxCE']:.2f}x")
     for full in (False, True):
-        t = sdpa_vs_plain(a.data, min(a.batches, 20), full)
-        print(f"SASRec transformer forward+backward, {'all 50 columns' if full else 'trimmed batches'}: CPU ms per "
-              f"batch sdpa {t['sdpa'] * 1e3:.1f}, plain {t['plain'] * 1e3:.1f}; SDPA speed-up {t['plain'] / t['sdpa']:.2f}x")
+        for amp in (False, True) if gpu else (False,):
+            t = sdpa_vs_plain(a.data, min(a.batches, 20), device, full, amp)
+            print(f"SASRec transformer forward+backward, {'all 50 columns' if full else 'trimmed batches'}"
+                  f"{', bf16 autocast' if amp else ''}: {unit} per batch sdpa {t['sdpa'] * 1e3:.2f}, plain "
+                  f"{t['plain'] * 1e3:.2f}; SDPA speed-up {t['plain'] / t['sdpa']:.2f}x")
 
 
 if __name__ == "__main__":

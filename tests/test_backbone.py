@@ -159,6 +159,18 @@ def test_chunked_ce_and_chunked_evaluation_train_the_same_model(tiny_dataset):
 
 # ---- sampled negatives ----
 
+def test_bf16_autocast_trains_like_float32(tiny_dataset):
+    """--amp runs the backbone under bf16 autocast (CPU autocast here; the GPU path is the same code) but keeps the loss
+    in float32: the first epoch's loss matches float32 to bf16 precision, and the model learns as well."""
+    kw = dict(data=str(tiny_dataset), epochs=4, batch_size=16, hidden=16, dropout=0.0, views="id", threads=1)
+    a = stage4.train(stage4.Config(name="fp32", **kw))
+    b = stage4.train(stage4.Config(name="amp", amp=True, **kw))
+    assert b["curve"][0]["loss"] == pytest.approx(a["curve"][0]["loss"], rel=2e-2)
+    assert b["curve"][0]["loss"] != a["curve"][0]["loss"]  # autocast really ran in bf16
+    assert b["curve"][-1]["loss"] < b["curve"][0]["loss"]
+    assert b["valid"]["full"]["NDCG@10"] > 0.5 * a["valid"]["full"]["NDCG@10"]
+
+
 def test_sampled_negatives_are_fixed_distinct_and_never_the_users_items():
     rng = np.random.default_rng(0)
     seqs = [rng.choice(np.arange(1, 301), size=rng.integers(3, 150), replace=False) for _ in range(200)]

@@ -1,0 +1,87 @@
+"""Hyperparameter sweep for stage 4, selected on validation only: run several flag sets in parallel, print a table of
+validation NDCG@10 / HR@10 at each run's best epoch, best first. Test metrics are not printed: choosing defaults by
+test would make every later test figure optimistic (results.json still holds them for the run you keep).
+
+    python bench/sweep.py DATA --jobs 12 --base "--device cuda --loss ce" "--dropout 0.3" "--dropout 0.4" "--hidden 128"
+    python bench/sweep.py DATA --jobs 2 --base "--threads 1" --time-limit 3000 "" "--lr 2e-3"      (on 2 CPU cores)
+
+Each positional argument is one run's extra flags ("" = the defaults). Runs are named sweep_<tag>_<flags> (the --base flags are not in the name: use --tag); a finished
+run (results.json present) is reused. With --time-limit, runs still going after that many seconds get SIGTERM, which
+makes stage 4 stop after the current epoch and test its best epoch so far (the table marks them).
+"""
+import argparse
+import json
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def slug(flags: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9.]+", "_", flags.replace("--", "")).strip("_")
+    return s or "defaults"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("data", help="dataset directory")
+    p.add_argument("runs", nargs="+", help="one quoted string of stage-4 flags per run")
+    p.add_argument("--base", default="", help="flags given to every run (quoted)")
+    p.add_argument("--tag", default="", help="prefix of the run names")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    p.add_argument("--time-limit", type=float, default=0, help="SIGTERM runs still going after this many seconds")
+    a = p.parse_args()
+
+    data, t0 = Path(a.data), time.time()
+    names = {f: f"sweep_{a.tag + '_' if a.tag else ''}{slug(f)}" for f in a.runs}
+    todo = [f for f in a.runs if not (data / "runs" / names[f] / "results.json").is_file()]
+    logs = data / "runs" / "_sweep_logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    running: dict[str, subprocess.Popen] = {}
+    signalled = set()
+    while todo or running:
+        while todo and len(running) < a.jobs:
+            f = todo.pop(0)
+            cmd = [sys.executable, str(ROOT / "04_train_backbone.py"), str(data), *shlex.split(a.base),
+                   *shlex.split(f), "--name", names[f]]
+            print(f"$ {shlex.join(cmd)}", flush=True)
+            running[f] = subprocess.Popen(cmd, cwd=ROOT, stdout=open(logs / f"{names[f]}.log", "w"),
+                                          stderr=subprocess.STDOUT)
+        time.sleep(1)
+        for f, proc in list(running.items()):
+            if proc.poll() is not None:
+                print(f"  {names[f]} exited {proc.returncode} after {time.time() - t0:.0f}s", flush=True)
+                del running[f]
+            elif a.time_limit and time.time() - t0 > a.time_limit and f not in signalled:
+                proc.send_signal(signal.SIGTERM)
+                signalled.add(f)
+        if a.time_limit and time.time() - t0 > a.time_limit:
+            todo.clear()  # no new run could finish in time
+
+    rows = []
+    for f, n in names.items():
+        path = data / "runs" / n / "results.json"
+        if not path.is_file():
+            rows.append((-1.0, f"| `{f or 'defaults'}` | (no result: see {logs / (n + '.log')}) | | | | |"))
+            continue
+        r = json.loads(path.read_text())
+        v = r["valid"]["full"]
+        stopped = f"SIGTERM at {r['epochs_run']}" if r.get("interrupted_by") else str(r["epochs_run"])
+        rows.append((v["NDCG@10"], f"| `{f or 'defaults'}` | {v['NDCG@10']:.4f} | {v['HR@10']:.4f} | "
+                                   f"{r['valid']['sampled100']['HR@10']:.4f} | {r['best_epoch']} / {stopped} | "
+                                   f"{r['train_seconds'] / 60:.1f} |"))
+    print(f"\n{data}: base flags `{a.base or 'none'}`; validation metrics at each run's best epoch (full ranking "
+          f"unless said); test metrics deliberately not shown\n")
+    print("| flags | valid NDCG@10 | valid HR@10 | valid sampled-100 HR@10 | best epoch / epochs | train min |")
+    print("|---|---|---|---|---|---|")
+    for _, line in sorted(rows, key=lambda x: -x[0]):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
