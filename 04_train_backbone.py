@@ -68,8 +68,8 @@ class Config:
     """transformer blocks (sasrec, bert4rec) or GRU layers (gru4rec)"""
     heads: int = 1
     """attention heads"""
-    dropout: float = 0.5
-    """dropout on embeddings, attention weights and feed-forward outputs"""
+    dropout: float = 0.6
+    """dropout on embeddings, attention weights and feed-forward outputs (0.6: best Beauty validation of 0.3-0.6)"""
     max_len: int = 50
     """longest history the backbone reads (most recent items kept)"""
     mask_prob: float = 0.2

@@ -128,7 +128,8 @@ def main(argv=None):
     fsfx = sfx if a.fuse_args else ""  # a tag only makes its own stage-3 artifacts when stage 3 runs differently
 
     # ---- stages 2 and 3, once per artifact ----
-    if not (data / "aligned.pt").is_file() or a.rerun_stage3:
+    needs_stage3 = any(v[3] for v in variants)  # the plain and oracle variants read no stage-2/3 artifact
+    if needs_stage3 and (not (data / "aligned.pt").is_file() or a.rerun_stage3):
         run(["02_align.py", str(data), "--threads", str(a.threads)], logs / "02_align.log")
     todo = []
     for art in sorted({v[3] for v in variants if v[3]}):

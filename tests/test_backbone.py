@@ -292,7 +292,7 @@ def test_sasrec_ce_on_real_beauty_reaches_published_level(tmp_path):
     # one thread: the exact configuration of the measured run below (CPU float sums depend on the thread count)
     run_script("04_train_backbone.py", data, "--views", "id", "--name", "slow", "--threads", "1", timeout=3600)
     res = json.loads((data / "runs" / "slow" / "results.json").read_text())
-    # Measured with these defaults, seed 42, one thread: test NDCG@10 0.0398, HR@10 0.0814 (validation 0.0489), the top
+    # Measured with these defaults, seed 42, one thread: test NDCG@10 0.0404, HR@10 0.0818 (validation 0.0497), the top
     # of the published SASRec range on this file (0.0327-0.0416). The floor sits a little below the measurement, so a
     # change that costs accuracy (e.g. the per-batch loss mean that gave 0.0349 / 0.0715) fails here.
-    assert res["test"]["full"]["NDCG@10"] >= 0.038 and res["test"]["full"]["HR@10"] >= 0.078
+    assert res["test"]["full"]["NDCG@10"] >= 0.039 and res["test"]["full"]["HR@10"] >= 0.079
