@@ -296,3 +296,18 @@ def test_sasrec_ce_on_real_beauty_reaches_published_level(tmp_path):
     # of the published SASRec range on this file (0.0327-0.0416). The floor sits a little below the measurement, so a
     # change that costs accuracy (e.g. the per-batch loss mean that gave 0.0349 / 0.0715) fails here.
     assert res["test"]["full"]["NDCG@10"] >= 0.039 and res["test"]["full"]["HR@10"] >= 0.079
+
+
+def test_sweep_runs_in_parallel_and_shows_validation_only(tiny_dataset):
+    """bench/sweep.py: one stage-4 run per flag set, a table sorted by validation NDCG@10 and no test column (defaults
+    chosen by test would make every later test figure optimistic)."""
+    base = "--views id --epochs 3 --hidden 16 --batch-size 16 --threads 1"
+    out = run_script("bench/sweep.py", tiny_dataset, "--jobs", "2", "--tag", "t", "--base", base, "", "--dropout 0.1")
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| `")]
+    assert len(rows) == 2 and "test" not in out.stdout.split("| flags")[1].lower()
+    valid = [float(r.split("|")[2]) for r in rows]
+    assert valid == sorted(valid, reverse=True)
+    for name, dropout in [("sweep_t_defaults", stage4.Config().dropout), ("sweep_t_dropout_0.1", 0.1)]:
+        res = json.loads((tiny_dataset / "runs" / name / "results.json").read_text())
+        assert res["config"]["dropout"] == dropout and res["config"]["hidden"] == 16
+        assert f"{res['valid']['full']['NDCG@10']:.4f}" in out.stdout
