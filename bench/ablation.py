@@ -18,6 +18,7 @@ import argparse
 import csv
 import json
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -51,23 +52,35 @@ STAGE3_FLAGS = {"fused.pt": [], "fused_noalign.pt": ["--no-align"], "fused_nocro
 COLUMNS = ["NDCG@10", "HR@10", "MRR"]
 
 
-def run(cmd: list[str], log_path: Path) -> None:
-    """Run one stage with nice (the CPU is shared), its output to a log file; stop with the log's tail on failure."""
+def run(cmd: list[str], log_path: Path, check: bool = True, deadline: float = 0.0) -> None:
+    """Run one stage with nice (the CPU is shared), its output to a log file; stop with the log's tail on failure
+    (check). With a deadline (a time.time() value), a run not started by then is skipped and one still going gets
+    SIGTERM, on which stage 4 finishes its epoch and tests its best epoch so far."""
+    if deadline and time.time() >= deadline:
+        print(f"skipped (deadline passed): {shlex.join(cmd)}", flush=True)
+        return
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"$ {shlex.join(cmd)}  > {log_path}", flush=True)
     t0 = time.time()
     with open(log_path, "w") as f:
-        p = subprocess.run(["nice", "-n", "10", sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if p.returncode != 0:
+        p = subprocess.Popen(["nice", "-n", "10", sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            p.wait(timeout=max(0.0, deadline - time.time()) if deadline else None)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGTERM)
+            p.wait()
+    if p.returncode != 0 and check:
         tail = log_path.read_text()[-3000:]
         raise SystemExit(f"failed ({p.returncode}) after {time.time() - t0:.0f}s: {shlex.join(cmd)}\n{tail}")
-    print(f"  done in {time.time() - t0:.0f}s", flush=True)
+    print(f"  {'done' if p.returncode == 0 else f'exited {p.returncode}'} in {time.time() - t0:.0f}s: {log_path.stem}",
+          flush=True)
 
 
-def run_all(todo: list, jobs: int) -> None:
-    """Run (cmd, log) pairs, `jobs` at a time; every run is independent (own seed, own output directory)."""
+def run_all(todo: list, jobs: int, **kw) -> None:
+    """Run (cmd, log) pairs, `jobs` at a time (keywords go to run); every run is independent (own seed, own output
+    directory)."""
     with ThreadPoolExecutor(max(1, jobs)) as ex:
-        list(ex.map(lambda t: run(*t), todo))
+        list(ex.map(lambda t: run(*t, **kw), todo))
 
 
 def write_oracle_fused(data: Path) -> None:

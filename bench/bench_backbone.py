@@ -54,9 +54,9 @@ def run_backbone(data, backbone, loss, batches, threads, device, amp=False, atte
 
 
 def sdpa_vs_plain(data, batches, device, full_length=False, amp=False, reps=3):
-    """CPU seconds per batch of SASRec's transformer forward + backward (the output layer left out, so the figure is
-    the attention's share, not the softmax over items) with each attention path: same weights, same batches.
-    CPU time of this process, not wall time, so other processes' load on a shared machine cancels out."""
+    """Seconds per batch (see clock) of SASRec's transformer forward + backward (the output layer left out, so the
+    figure is the attention's share, not the softmax over items) with each attention path: same weights, same
+    batches."""
     ds = common.load_dataset(data, check_images=False)
     train_seqs, _ = ds.split()
     cfg = stage4.Config(data=data)
@@ -88,7 +88,7 @@ def sdpa_vs_plain(data, batches, device, full_length=False, amp=False, reps=3):
 
 
 def ce_vs_cross_entropy(data, device, positions=1150, d=64, reps=5):
-    """CPU ms of the ce loss forward + backward on one Beauty-sized step ([positions, d] states against every item):
+    """Milliseconds (see clock) of the ce loss forward + backward on one Beauty-sized step ([positions, d] states against every item):
     stage 4's hand-written SoftmaxCE against F.cross_entropy on the same logits, alternated, median of reps."""
     n = common.load_dataset(data, check_images=False).n_items
     g = torch.Generator().manual_seed(0)

@@ -7,19 +7,19 @@ test would make every later test figure optimistic (results.json still holds the
 
 Each positional argument is one run's extra flags ("" = the defaults). Runs are named sweep_<tag>_<flags> (the --base flags are not in the name: use --tag); a finished
 run (results.json present) is reused. With --time-limit, runs still going after that many seconds get SIGTERM, which
-makes stage 4 stop after the current epoch and test its best epoch so far (the table marks them).
+makes stage 4 stop after the current epoch and test its best epoch so far (the table marks them); runs not started by
+then are skipped.
 """
 import argparse
 import json
 import re
 import shlex
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablation import run_all  # noqa: E402  (one runner of stage scripts: nice, log file, parallel, deadline)
 
 
 def slug(flags: str) -> str:
@@ -37,31 +37,13 @@ def main():
     p.add_argument("--time-limit", type=float, default=0, help="SIGTERM runs still going after this many seconds")
     a = p.parse_args()
 
-    data, t0 = Path(a.data), time.time()
+    data = Path(a.data)
     names = {f: f"sweep_{a.tag + '_' if a.tag else ''}{slug(f)}" for f in a.runs}
-    todo = [f for f in a.runs if not (data / "runs" / names[f] / "results.json").is_file()]
     logs = data / "runs" / "_sweep_logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    running: dict[str, subprocess.Popen] = {}
-    signalled = set()
-    while todo or running:
-        while todo and len(running) < a.jobs:
-            f = todo.pop(0)
-            cmd = [sys.executable, str(ROOT / "04_train_backbone.py"), str(data), *shlex.split(a.base),
-                   *shlex.split(f), "--name", names[f]]
-            print(f"$ {shlex.join(cmd)}", flush=True)
-            running[f] = subprocess.Popen(cmd, cwd=ROOT, stdout=open(logs / f"{names[f]}.log", "w"),
-                                          stderr=subprocess.STDOUT)
-        time.sleep(1)
-        for f, proc in list(running.items()):
-            if proc.poll() is not None:
-                print(f"  {names[f]} exited {proc.returncode} after {time.time() - t0:.0f}s", flush=True)
-                del running[f]
-            elif a.time_limit and time.time() - t0 > a.time_limit and f not in signalled:
-                proc.send_signal(signal.SIGTERM)
-                signalled.add(f)
-        if a.time_limit and time.time() - t0 > a.time_limit:
-            todo.clear()  # no new run could finish in time
+    todo = [(["04_train_backbone.py", str(data), *shlex.split(a.base), *shlex.split(f), "--name", names[f]],
+             logs / f"{names[f]}.log") for f in a.runs if not (data / "runs" / names[f] / "results.json").is_file()]
+    # a failed run is reported in the table, not fatal: the others are still worth reading
+    run_all(todo, a.jobs, check=False, deadline=time.time() + a.time_limit if a.time_limit else 0.0)
 
     rows = []
     for f, n in names.items():
