@@ -307,7 +307,7 @@ def test_sweep_runs_in_parallel_and_shows_validation_only(tiny_dataset):
     assert len(rows) == 2 and "test" not in out.stdout.split("| flags")[1].lower()
     valid = [float(r.split("|")[2]) for r in rows]
     assert valid == sorted(valid, reverse=True)
-    for name, dropout in [("sweep_t_defaults", stage4.Config().dropout), ("sweep_t_dropout_0.1", 0.1)]:
+    for name, dropout in [("sweep_t_defaults", stage4.DROPOUT["sasrec"]), ("sweep_t_dropout_0.1", 0.1)]:
         res = json.loads((tiny_dataset / "runs" / name / "results.json").read_text())
         assert res["config"]["dropout"] == dropout and res["config"]["hidden"] == 16
         assert f"{res['valid']['full']['NDCG@10']:.4f}" in out.stdout
