@@ -265,6 +265,16 @@ def test_gru4rec_and_bert4rec_learn(tiny_dataset):
     assert (tiny_dataset / "runs" / "bert" / "results.json").is_file()
 
 
+@pytest.mark.parametrize("backbone,flag,expected", [("sasrec", -1.0, 0.6), ("gru4rec", -1.0, 0.5),
+                                                      ("bert4rec", -1.0, 0.5), ("gru4rec", 0.3, 0.3)])
+def test_default_dropout_is_the_backbones_own_and_recorded(backbone, flag, expected):
+    cfg = stage4.Config(data="unused", backbone=backbone, dropout=flag, views="id")
+    stage4.resolve_views(cfg)  # the check every run goes through before training; results.json stores cfg
+    assert cfg.dropout == expected
+    model = stage4.Recommender(stage4.Config(backbone=backbone, dropout=flag), 10, ["id"], None)
+    assert {m.p for m in model.backbone.modules() if isinstance(m, torch.nn.Dropout)} == {expected}
+
+
 def test_dual_view_end_to_end_with_fusion_finetuning(tiny_dataset):
     ds = common.load_dataset(tiny_dataset)
     payload = {"item_ids": ds.item_ids, **fabricate_fused(ds.n_items)}
