@@ -46,6 +46,14 @@ import common
 from common import log
 
 
+# Default dropout per backbone, each the best Beauty validation NDCG@10 of 0.5 / 0.6 (README): SASRec gains from 0.6;
+# GRU4Rec and BERT4Rec lose at 0.6, where GRU4Rec also runs 191 epochs (45 min on one shared core).
+DROPOUT = {"sasrec": 0.6, "gru4rec": 0.5, "bert4rec": 0.5}
+# GRU4Rec at 1e-3 was still improving at the 200-epoch cap (best 196, 40 min); at 2e-3 it reaches the same validation
+# NDCG@10 (0.0471 vs 0.0470) at epoch 129 and stops inside 25 minutes on 2 cores (README).
+LR = {"sasrec": 1e-3, "gru4rec": 2e-3, "bert4rec": 1e-3}
+
+
 @dataclass
 class Config:
     data: str = ""
@@ -69,13 +77,13 @@ class Config:
     heads: int = 1
     """attention heads"""
     dropout: float = -1.0
-    """dropout on embeddings, attention weights and feed-forward outputs; -1 = the backbone's own (DROPOUT below)"""
+    """dropout on embeddings, attention weights and feed-forward outputs; -1 = the backbone's own (DROPOUT above)"""
     max_len: int = 50
     """longest history the backbone reads (most recent items kept)"""
     mask_prob: float = 0.2
     """bert4rec cloze: probability that a position is replaced by the mask token in training"""
     lr: float = -1.0
-    """Adam learning rate; -1 = the backbone's own (LR below)"""
+    """Adam learning rate; -1 = the backbone's own (LR above)"""
     weight_decay: float = 0.0
     """Adam weight decay"""
     beta2: float = 0.999
@@ -118,6 +126,11 @@ class Config:
     """torch CPU threads (0 = torch's default)"""
     name: str = ""
     """run name: output goes to DATA/runs/<name>/ (default BACKBONE_LOSS_VIEWS_sSEED)"""
+
+    def __post_init__(self):  # -1 = the backbone's own; resolved at once, so results.json records what the run used
+        if self.backbone in DROPOUT:  # (an unknown backbone is refused with a clear message by resolve_views)
+            self.dropout = DROPOUT[self.backbone] if self.dropout < 0 else self.dropout
+            self.lr = LR[self.backbone] if self.lr < 0 else self.lr
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -341,14 +354,6 @@ class ItemEncoder(nn.Module):
         return x * (ids != 0)[..., None, None].to(x.dtype)
 
 
-# Default dropout per backbone, each the best Beauty validation NDCG@10 of 0.5 / 0.6 (README): SASRec gains from 0.6;
-# GRU4Rec and BERT4Rec lose at 0.6, where GRU4Rec also runs 191 epochs (45 min on one shared core).
-DROPOUT = {"sasrec": 0.6, "gru4rec": 0.5, "bert4rec": 0.5}
-# GRU4Rec at 1e-3 was still improving at the 200-epoch cap (best 196, 40 min); at 2e-3 it reaches the same validation
-# NDCG@10 (0.0471 vs 0.0470) at epoch 129 and stops inside 25 minutes on 2 cores (README).
-LR = {"sasrec": 1e-3, "gru4rec": 2e-3, "bert4rec": 1e-3}
-
-
 class Recommender(nn.Module):
     """User state = backbone over each view's sequence of item vectors, concatenated; score = dot with item vectors."""
 
@@ -356,11 +361,10 @@ class Recommender(nn.Module):
         super().__init__()
         self.n = n_items
         self.items = ItemEncoder(n_items, cfg.hidden, views, fused, cfg.id_emb, cfg.finetune_fusion)
-        p = cfg.dropout if cfg.dropout >= 0 else DROPOUT[cfg.backbone]
         if cfg.backbone == "gru4rec":
-            self.backbone = GRU(cfg.hidden, cfg.blocks, p)
+            self.backbone = GRU(cfg.hidden, cfg.blocks, cfg.dropout)
         else:
-            self.backbone = Transformer(cfg.hidden, cfg.blocks, cfg.heads, p, cfg.max_len,
+            self.backbone = Transformer(cfg.hidden, cfg.blocks, cfg.heads, cfg.dropout, cfg.max_len,
                                         causal=cfg.backbone == "sasrec", attention=cfg.attention)
 
     def forward(self, seq, all_items: bool):
@@ -567,10 +571,6 @@ def resolve_views(cfg: Config) -> tuple[list[str], Path | None, str]:
         raise SystemExit(f"--backbone {cfg.backbone!r}: expected sasrec, gru4rec or bert4rec")
     if cfg.loss not in ("ce", "bce"):
         raise SystemExit(f"--loss {cfg.loss!r}: expected ce or bce")
-    if cfg.dropout < 0:  # resolved here, so results.json records the value the run used
-        cfg.dropout = DROPOUT[cfg.backbone]
-    if cfg.lr < 0:
-        cfg.lr = LR[cfg.backbone]
     if cfg.hidden % cfg.heads:
         raise SystemExit(f"--hidden {cfg.hidden} must be divisible by --heads {cfg.heads}")
     return views, (fused_path if views != ["id"] else None), mode

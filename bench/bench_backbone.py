@@ -88,8 +88,9 @@ def sdpa_vs_plain(data, batches, device, full_length=False, amp=False, reps=3):
 
 
 def ce_vs_cross_entropy(data, device, positions=1150, d=64, reps=5):
-    """Milliseconds (see clock) of the ce loss forward + backward on one Beauty-sized step ([positions, d] states against every item):
-    stage 4's hand-written SoftmaxCE against F.cross_entropy on the same logits, alternated, median of reps."""
+    """Milliseconds (see clock) of the ce loss forward + backward on one Beauty-sized step ([positions, d] states
+    against every item): stage 4's hand-written SoftmaxCE against F.cross_entropy on the same logits, alternated,
+    median of reps."""
     n = common.load_dataset(data, check_images=False).n_items
     g = torch.Generator().manual_seed(0)
     h = torch.randn(positions, d, generator=g).to(device).requires_grad_()

@@ -269,7 +269,7 @@ def test_gru4rec_and_bert4rec_learn(tiny_dataset):
                                                       ("bert4rec", -1.0, 0.5), ("gru4rec", 0.3, 0.3)])
 def test_default_dropout_is_the_backbones_own_and_recorded(backbone, flag, expected):
     cfg = stage4.Config(data="unused", backbone=backbone, dropout=flag, views="id")
-    stage4.resolve_views(cfg)  # the check every run goes through before training; results.json stores cfg
+    stage4.resolve_views(cfg)  # Config resolves -1 itself; the checks before training leave it; results.json stores cfg
     assert cfg.dropout == expected and cfg.lr == stage4.LR[backbone] == (2e-3 if backbone == "gru4rec" else 1e-3)
     model = stage4.Recommender(stage4.Config(backbone=backbone, dropout=flag), 10, ["id"], None)
     assert {m.p for m in model.backbone.modules() if isinstance(m, torch.nn.Dropout)} == {expected}
