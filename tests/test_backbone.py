@@ -212,7 +212,8 @@ def _read_seqs(root):
     return seqs
 
 
-def test_model_selection_never_reads_test(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("loss", ["ce", "bce"])  # selected on full-ranking / on sampled-100 validation
+def test_model_selection_never_reads_test(tiny_dataset, tmp_path, loss):
     from conftest import write_dataset
     seqs = _read_seqs(tiny_dataset)
     items = [json.loads(line) for line in open(tiny_dataset / "items.jsonl")]
@@ -221,14 +222,30 @@ def test_model_selection_never_reads_test(tiny_dataset, tmp_path):
     other = write_dataset(tmp_path / "garbage", garbage, items)
     runs = []
     for root in (tiny_dataset, other):
-        cfg = stage4.Config(data=str(root), hidden=16, epochs=5, patience=3, batch_size=16, views="id", seed=3,
-                            threads=1)
+        cfg = stage4.Config(data=str(root), loss=loss, hidden=16, epochs=5, patience=3, batch_size=16, views="id",
+                            seed=3, threads=1)
         runs.append(stage4.train(cfg))
     a, b = runs
+    assert a["config"]["select"] == {"ce": "full", "bce": "sampled"}[loss]
     assert a["best_epoch"] == b["best_epoch"]
-    assert [r["valid"]["full"] for r in a["curve"]] == [r["valid"]["full"] for r in b["curve"]]
+    # both protocols: the sampled validation negatives do not depend on the test item either
+    assert [r["valid"] for r in a["curve"]] == [r["valid"] for r in b["curve"]]
     assert [r["loss"] for r in a["curve"]] == [r["loss"] for r in b["curve"]]
     assert a["test"]["full"] != b["test"]["full"]  # the test itself did change
+
+
+@pytest.mark.parametrize("select", ["full", "sampled"])
+def test_best_epoch_and_early_stop_follow_the_selected_protocol(tiny_dataset, select):
+    cfg = stage4.Config(data=str(tiny_dataset), loss="bce", select=select, hidden=16, epochs=12, patience=2,
+                        batch_size=16, lr=0.005, dropout=0.2, views="id", threads=1, name=f"sel_{select}")
+    res = stage4.train(cfg)
+    key = {"full": "full", "sampled": "sampled100"}[select]
+    score = [r["valid"][key]["NDCG@10"] for r in res["curve"]]
+    assert res["best_epoch"] == 1 + int(np.argmax(score))  # the first epoch with the best score
+    assert res["valid"] == res["curve"][res["best_epoch"] - 1]["valid"]
+    if len(score) < 12:  # stopped early: exactly `patience` evaluations after the best one
+        assert len(score) == res["best_epoch"] + 2
+    assert key in res["protocol"]["selection"]
 
 
 # ---- end to end, as a user runs it ----
@@ -275,6 +292,19 @@ def test_default_dropout_is_the_backbones_own_and_recorded(backbone, flag, expec
     assert {m.p for m in model.backbone.modules() if isinstance(m, torch.nn.Dropout)} == {expected}
 
 
+@pytest.mark.parametrize("backbone,flag,scale", [("sasrec", -1.0, 0.1), ("gru4rec", -1.0, 1.0),
+                                                 ("bert4rec", -1.0, 1.0), ("sasrec", 1.0, 1.0)])
+def test_init_scale_is_the_backbones_own(backbone, flag, scale):
+    torch.manual_seed(0)
+    cfg = stage4.Config(backbone=backbone, init_scale=flag, hidden=64)
+    assert cfg.init_scale == scale  # resolved in Config, so results.json records it
+    model = stage4.Recommender(cfg, 5000, ["id"], None)
+    emb = model.items.emb.weight[1:]
+    assert emb.std().item() == pytest.approx(scale / 8, rel=0.02) and not model.items.emb.weight[0].any()
+    if backbone != "gru4rec":  # positions at the scale of the sqrt(hidden)-scaled item part of the input
+        assert model.backbone.pos.weight.std().item() == pytest.approx(scale, rel=0.1)
+
+
 def test_dual_view_end_to_end_with_fusion_finetuning(tiny_dataset):
     ds = common.load_dataset(tiny_dataset)
     payload = {"item_ids": ds.item_ids, **fabricate_fused(ds.n_items)}
@@ -315,7 +345,8 @@ def test_sweep_runs_in_parallel_and_shows_validation_only(tiny_dataset):
     out = run_script("bench/sweep.py", tiny_dataset, "--jobs", "2", "--tag", "t", "--base", base, "", "--dropout 0.1")
     rows = [line for line in out.stdout.splitlines() if line.startswith("| `")]
     assert len(rows) == 2 and "test" not in out.stdout.split("| flags")[1].lower()
-    valid = [float(r.split("|")[2]) for r in rows]
+    assert all(r.split("|")[2].strip() == "full" for r in rows)  # ce runs select on full ranking
+    valid = [float(r.split("|")[3]) for r in rows]
     assert valid == sorted(valid, reverse=True)
     for name, dropout in [("sweep_t_defaults", stage4.DROPOUT["sasrec"]), ("sweep_t_dropout_0.1", 0.1)]:
         res = json.loads((tiny_dataset / "runs" / name / "results.json").read_text())
