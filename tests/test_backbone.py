@@ -332,10 +332,25 @@ def test_sasrec_ce_on_real_beauty_reaches_published_level(tmp_path):
     # one thread: the exact configuration of the measured run below (CPU float sums depend on the thread count)
     run_script("04_train_backbone.py", data, "--views", "id", "--name", "slow", "--threads", "1", timeout=3600)
     res = json.loads((data / "runs" / "slow" / "results.json").read_text())
-    # Measured with these defaults, seed 42, one thread: test NDCG@10 0.0404, HR@10 0.0818 (validation 0.0497), the top
+    # Measured with these defaults, seed 42, one thread: test NDCG@10 0.0414, HR@10 0.0842 (validation 0.0503), the top
     # of the published SASRec range on this file (0.0327-0.0416). The floor sits a little below the measurement, so a
     # change that costs accuracy (e.g. the per-batch loss mean that gave 0.0349 / 0.0715) fails here.
-    assert res["test"]["full"]["NDCG@10"] >= 0.039 and res["test"]["full"]["HR@10"] >= 0.079
+    assert res["test"]["full"]["NDCG@10"] >= 0.040 and res["test"]["full"]["HR@10"] >= 0.080
+
+
+@pytest.mark.slow
+def test_sasrec_bce_on_real_beauty_reaches_the_sasrec_paper_recipe_level(tmp_path):
+    src = SHARED_DATA / "amazon"
+    if not (src / "Beauty.txt").is_file():
+        pytest.skip(f"real data not found at {src} (../shared/data is only on the development machines)")
+    data = tmp_path / "beauty"
+    run_script("data/prepare.py", "beauty", "--out", data)
+    run_script("04_train_backbone.py", data, "--views", "id", "--loss", "bce", "--name", "slow", "--threads", "1",
+               timeout=3600)
+    res = json.loads((data / "runs" / "slow" / "results.json").read_text())
+    # Measured with these defaults, seed 42, one thread: sampled-100 HR@10 0.4726 at epoch 188, chosen on sampled-100
+    # validation (the SASRec paper reports 0.4854 on its larger Beauty file); 0.4638 before SASRec's init scale 0.1.
+    assert res["config"]["select"] == "sampled" and res["test"]["sampled100"]["HR@10"] >= 0.47
 
 
 def test_sweep_runs_in_parallel_and_shows_validation_only(tiny_dataset):
