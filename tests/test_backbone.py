@@ -322,16 +322,21 @@ def test_dual_view_end_to_end_with_fusion_finetuning(tiny_dataset):
 
 # ---- the real data (slow) ----
 
-@pytest.mark.slow
-def test_sasrec_ce_on_real_beauty_reaches_published_level(tmp_path):
+def train_on_real_beauty(tmp_path, *flags) -> dict:
+    """The canonical Beauty set from ../shared/data, one stage-4 run with the defaults + flags, its results.json."""
     src = SHARED_DATA / "amazon"
     if not (src / "Beauty.txt").is_file():
         pytest.skip(f"real data not found at {src} (../shared/data is only on the development machines)")
     data = tmp_path / "beauty"
     run_script("data/prepare.py", "beauty", "--out", data)
-    # one thread: the exact configuration of the measured run below (CPU float sums depend on the thread count)
-    run_script("04_train_backbone.py", data, "--views", "id", "--name", "slow", "--threads", "1", timeout=3600)
-    res = json.loads((data / "runs" / "slow" / "results.json").read_text())
+    # one thread: the exact configuration of the measured runs (CPU float sums depend on the thread count)
+    run_script("04_train_backbone.py", data, "--views", "id", "--name", "slow", "--threads", "1", *flags, timeout=3600)
+    return json.loads((data / "runs" / "slow" / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_sasrec_ce_on_real_beauty_reaches_published_level(tmp_path):
+    res = train_on_real_beauty(tmp_path)
     # Measured with these defaults, seed 42, one thread: test NDCG@10 0.0414, HR@10 0.0842 (validation 0.0503), the top
     # of the published SASRec range on this file (0.0327-0.0416). The floor sits a little below the measurement, so a
     # change that costs accuracy (e.g. the per-batch loss mean that gave 0.0349 / 0.0715) fails here.
@@ -340,14 +345,7 @@ def test_sasrec_ce_on_real_beauty_reaches_published_level(tmp_path):
 
 @pytest.mark.slow
 def test_sasrec_bce_on_real_beauty_reaches_the_sasrec_paper_recipe_level(tmp_path):
-    src = SHARED_DATA / "amazon"
-    if not (src / "Beauty.txt").is_file():
-        pytest.skip(f"real data not found at {src} (../shared/data is only on the development machines)")
-    data = tmp_path / "beauty"
-    run_script("data/prepare.py", "beauty", "--out", data)
-    run_script("04_train_backbone.py", data, "--views", "id", "--loss", "bce", "--name", "slow", "--threads", "1",
-               timeout=3600)
-    res = json.loads((data / "runs" / "slow" / "results.json").read_text())
+    res = train_on_real_beauty(tmp_path, "--loss", "bce")
     # Measured with these defaults, seed 42, one thread: sampled-100 HR@10 0.4726 at epoch 188, chosen on sampled-100
     # validation (the SASRec paper reports 0.4854 on its larger Beauty file); 0.4638 before SASRec's init scale 0.1.
     assert res["config"]["select"] == "sampled" and res["test"]["sampled100"]["HR@10"] >= 0.47
