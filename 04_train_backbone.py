@@ -715,6 +715,7 @@ def train(cfg: Config) -> dict:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    sel = SELECT[cfg.select]  # the validation protocol that picks the epoch
     curve, best, best_epoch, best_state, bad = [], -1.0, 0, None, 0
     train_s, seqs_seen = 0.0, 0
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -771,7 +772,7 @@ def train(cfg: Config) -> dict:
             rf, rs = evaluate(model, val_hist, val_tgt, val_negs, cfg, device, bert, rank, world)
             row["valid"] = protocol_metrics(rf, rs)
             row["eval_seconds"] = time.perf_counter() - te
-            score = row["valid"][SELECT[cfg.select]]["NDCG@10"]
+            score = row["valid"][sel]["NDCG@10"]
             if score > best:
                 best, best_epoch, bad = score, epoch, 0
                 best_state = copy.deepcopy(model.state_dict())
@@ -780,7 +781,7 @@ def train(cfg: Config) -> dict:
             else:
                 bad += 1
             log.info(f"epoch {epoch:3d} loss {row['loss']:.4f} valid {cfg.select} NDCG@10 {score:.4f} HR@10 "
-                     f"{row['valid'][SELECT[cfg.select]]['HR@10']:.4f} (best {best:.4f} @ {best_epoch}) | "
+                     f"{row['valid'][sel]['HR@10']:.4f} (best {best:.4f} @ {best_epoch}) | "
                      f"{row['seq_per_s']:.0f} seq/s, train {dt:.1f}s, eval {len(val_tgt) / row['eval_seconds']:.0f} users/s")
         else:
             log.info(f"epoch {epoch:3d} loss {row['loss']:.4f} | {row['seq_per_s']:.0f} seq/s, train {dt:.1f}s")
@@ -806,7 +807,7 @@ def train(cfg: Config) -> dict:
                      "sampled100": f"rank among the target + {n_neg} uniform negatives the user never interacted "
                                    f"with, drawn once with seed {cfg.eval_seed} (validation: none of the items up "
                                    "to the validation target)",
-                     "selection": f"early stopping and best epoch on validation NDCG@10 ({SELECT[cfg.select]}); "
+                     "selection": f"early stopping and best epoch on validation NDCG@10 ({sel}); "
                                   "test evaluated once"},
         "world_size": world, "epochs_run": len(curve), "best_epoch": best_epoch, "interrupted_by": stop["signal"],
         "valid": next(r["valid"] for r in curve if r["epoch"] == best_epoch), "test": test, "curve": curve,

@@ -239,7 +239,7 @@ def test_best_epoch_and_early_stop_follow_the_selected_protocol(tiny_dataset, se
     cfg = stage4.Config(data=str(tiny_dataset), loss="bce", select=select, hidden=16, epochs=12, patience=2,
                         batch_size=16, lr=0.005, dropout=0.2, views="id", threads=1, name=f"sel_{select}")
     res = stage4.train(cfg)
-    key = {"full": "full", "sampled": "sampled100"}[select]
+    key = stage4.SELECT[select]
     score = [r["valid"][key]["NDCG@10"] for r in res["curve"]]
     assert res["best_epoch"] == 1 + int(np.argmax(score))  # the first epoch with the best score
     assert res["valid"] == res["curve"][res["best_epoch"] - 1]["valid"]
