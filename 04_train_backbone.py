@@ -25,6 +25,7 @@ DATA/runs/<name>/model.pt (best-epoch weights; saved each time validation improv
 from __future__ import annotations
 
 import copy
+import gc
 import importlib
 import json
 import math
@@ -825,6 +826,10 @@ def train(cfg: Config) -> dict:
                  f"sampled-{n_neg} NDCG@10 {test['sampled100']['NDCG@10']:.4f} HR@10 "
                  f"{test['sampled100']['HR@10']:.4f} -> {out_dir}/results.json")
     if world > 1:
+        # DDP's reducer holds the process group and sits in a reference cycle: left to the interpreter's exit, gloo
+        # tears down there and aborts the rank (SIGABRT after results.json was written). Free it before the group.
+        del ddp
+        gc.collect()
         dist.destroy_process_group()
     return results
 
