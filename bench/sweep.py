@@ -11,6 +11,7 @@ makes stage 4 stop after the current epoch and test its best epoch so far (the t
 then are skipped.
 """
 import argparse
+import importlib
 import json
 import re
 import shlex
@@ -18,8 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from ablation import run_all  # noqa: E402  (one runner of stage scripts: nice, log file, parallel, deadline)
+
+stage4 = importlib.import_module("04_train_backbone")
 
 
 def slug(flags: str) -> str:
@@ -53,7 +56,7 @@ def main():
             continue
         r = json.loads(path.read_text())
         v = r["valid"]["full"]
-        sel = "sampled100" if r["config"].get("select") == "sampled" else "full"  # what the run selected on (--select)
+        sel = stage4.SELECT[r["config"].get("select", "full")]  # what the run selected on (runs before --select: full)
         stopped = f"SIGTERM at {r['epochs_run']}" if r.get("interrupted_by") else str(r["epochs_run"])
         rows.append((r["valid"][sel]["NDCG@10"], f"| `{f or 'defaults'}` | {sel} | {v['NDCG@10']:.4f} | "
                                                  f"{v['HR@10']:.4f} | {r['valid']['sampled100']['NDCG@10']:.4f} | "
