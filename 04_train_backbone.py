@@ -79,6 +79,20 @@ class Config:
     """add a learned ID embedding to each fused view's adapter output"""
     finetune_fusion: bool = False
     """rebuild stage 3's BiCrossFusion from the fused file and train it end to end with the recommendation loss"""
+    semantic: str = "fused"
+    """content behind the views: fused (stage 3's h_A, h_B) | raw (stage 1's frozen vectors: A = the MLLM views, B = the original text)"""
+    semantics: str = ""
+    """stage-1 artifact for --semantic raw and the content-match term (default DATA/semantics.pt)"""
+    whiten: bool = False
+    """centre and whiten each frozen semantic table (PCA over the catalogue's content) before its adapter"""
+    id_init: str = "random"
+    """random | pca: each view's ID table starts from the centred PCA of that view's semantic table (LLM-ESR)"""
+    id_gate: float = 0.0
+    """scale item i's ID part by pop_i / (pop_i + k), pop = training interactions, k = this; 0 = off"""
+    id_free: str = ""
+    """comma-separated views whose item vector is content only, no ID part (e.g. B)"""
+    content_grid: str = "0,0.5,1,2,3,4,6,8,12,16,24,32"
+    """inference-time content match: gammas tried on validation for score + gamma * cos(text, last item's text); empty = off"""
     hidden: int = 64
     """hidden size of the backbone (per view; the dual-view user/item vectors are twice this)"""
     blocks: int = 2
@@ -319,56 +333,108 @@ def load_fusion_module(fused: dict) -> nn.Module:
     return mod
 
 
+def whiten(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Centre, rotate onto the principal axes and scale each axis to unit variance (PCA whitening, WhitenRec /
+    AlphaFuse). Text embeddings are anisotropic (items' mean cosine is often > 0.8): a few shared directions dominate
+    every dot product, and whitening lets the adapter see the directions that tell items apart. Axes with variance
+    below eps x the largest are dropped (a rank-deficient table stays finite)."""
+    x = x - x.mean(0)
+    _, sv, vh = torch.linalg.svd(x, full_matrices=False)
+    var = sv ** 2 / max(len(x) - 1, 1)
+    keep = var > eps * var.max()
+    return x @ vh[keep].T / var[keep].sqrt()
+
+
+def pca(x: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, k] coordinates of the centred rows on their top-k principal axes (zero columns if rank < k)."""
+    x = x - x.mean(0)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    out = x @ vh[:k].T
+    return F.pad(out, (0, k - out.shape[1]))
+
+
+def semantic_tables(cfg: Config, views: list[str], fused: dict | None, sem: dict | None) -> dict[str, torch.Tensor]:
+    """The frozen content table behind each view, [N, df], at unit mean norm (so the adapter's scale does not depend on
+    where the table came from). --semantic fused reads stage 3's h_A / h_B; raw reads stage 1 directly: A = the mean of
+    the item's MLLM description vectors (zeros when it has none), B = its pooled original text."""
+    if cfg.semantic == "raw":
+        m = sem["view_mask"].float()[..., None]
+        raw = {"A": (sem["view_emb"].float() * m).sum(1) / m.sum(1).clamp_min(1.0), "B": sem["text_pooled"].float()}
+    out = {}
+    for v in views:
+        h = raw[v] if cfg.semantic == "raw" else fused["h_" + v].float()
+        h = whiten(h) if cfg.whiten else h
+        out[v] = h / h.norm(dim=-1).mean().clamp_min(1e-8)
+    return out
+
+
 class ItemEncoder(nn.Module):
     """Item ids -> one vector per view, [..., V, d]. Id 0 (padding) maps to zeros; id N+1 is BERT4Rec's mask token.
 
-    Views: ["id"] (ID embedding only) or a subset of ["A", "B"]: adapter(h_view) (+ ID embedding), where h_A / h_B
-    are stage 3's fused representations, read from the frozen tables or recomputed by the fine-tuned fusion module.
+    Views: ["id"] (ID embedding only) or a subset of ["A", "B"]: adapter(h_view) + gate_i * ID_i, where h_A / h_B are
+    the frozen content tables (or stage 3's fusion module, recomputed, when fine-tuned) and the ID part can be dropped
+    per view (--id-free, --no-id-emb), gated by training popularity (--id-gate) or started from PCA (--id-init pca).
     """
 
-    def __init__(self, n_items: int, d: int, views: list[str], fused: dict | None, id_emb: bool, finetune: bool,
-                 init_scale: float):
+    def __init__(self, cfg: Config, n_items: int, views: list[str], fused: dict | None, sem: dict | None = None,
+                 pop: np.ndarray | None = None):
         super().__init__()
+        d, scale = cfg.hidden, cfg.init_scale
         self.n, self.d, self.views = n_items, d, views
         V = len(views)
-        self.emb = nn.Embedding(n_items + 2, V * d, padding_idx=0) if (id_emb or views == ["id"]) else None
+        free = {v.strip() for v in cfg.id_free.split(",") if v.strip()}
+        with_id = [v == "id" or (cfg.id_emb and v not in free) for v in views]
+        self.emb = nn.Embedding(n_items + 2, V * d, padding_idx=0) if any(with_id) else None
+        tables = semantic_tables(cfg, views, fused, sem) if views != ["id"] and not cfg.finetune_fusion else None
         if self.emb is not None:
-            nn.init.normal_(self.emb.weight, std=init_scale / math.sqrt(d))
+            nn.init.normal_(self.emb.weight, std=scale / math.sqrt(d))
             with torch.no_grad():
+                if cfg.id_init == "pca" and tables is not None:  # content-shaped start, at the random init's scale
+                    for k, v in enumerate(views):
+                        p = pca(tables[v], d)
+                        self.emb.weight[1:n_items + 1, k * d:(k + 1) * d] = p * (scale / math.sqrt(d) / p.std())
                 self.emb.weight[0].zero_()
-        self.mask_vec = nn.Parameter(torch.randn(V, d) * init_scale / math.sqrt(d))
+        self.mask_vec = nn.Parameter(torch.randn(V, d) * scale / math.sqrt(d))
+        # how much of the ID part enters, per item and view: 0 in a content-only view; the popularity gate makes a rare
+        # item lean on its content, whose adapter is shared with every item, instead of an ID vector it barely trained
+        gate = torch.tensor([float(w) for w in with_id]).expand(n_items + 2, V).clone()
+        if cfg.id_gate > 0:
+            p = torch.as_tensor(pop, dtype=torch.float32)
+            gate[1:n_items + 1] *= (p / (p + cfg.id_gate))[:, None]
+        self.register_buffer("id_scale", None if bool((gate == 1).all()) else gate, persistent=False)
         self.fusion = None
         if views != ["id"]:
-            df = fused["h_A"].shape[1]
-            self.adapters = nn.ModuleList(nn.Linear(df, d) for _ in views)
-            if finetune:
+            widths = [(fused["h_" + v] if tables is None else tables[v]).shape[1] for v in views]
+            self.adapters = nn.ModuleList(nn.Linear(w, d) for w in widths)
+            if cfg.finetune_fusion:
                 self.fusion = load_fusion_module(fused)
                 # inputs are data, not weights: kept out of model.pt (persistent=False); fused.pt holds them
                 for k in ("coarse", "coarse_mask", "fine", "fine_mask"):
                     self.register_buffer("in_" + k, fused["inputs"][k], persistent=False)
             else:
-                h = torch.stack([fused["h_" + v].float() for v in views], 1)  # [N, V, df]
-                h = h / h.norm(dim=-1).mean().clamp_min(1e-8)  # unit mean norm: the adapter's scale does not depend on stage 3
-                self.register_buffer("h", torch.cat([h.new_zeros(1, V, df), h, h.new_zeros(1, V, df)]),
-                                     persistent=False)
+                for v in views:  # padding row 0 and mask row N+1 read zeros
+                    h = tables[v]
+                    self.register_buffer("h_" + v, torch.cat([h.new_zeros(1, h.shape[1]), h,
+                                                              h.new_zeros(1, h.shape[1])]), persistent=False)
 
-    def semantic(self, ids):  # [...] -> [..., V, df]
+    def content(self, ids) -> list[torch.Tensor]:  # [...] -> one [..., df] per view
         if self.fusion is None:
-            return self.h[ids]
+            return [getattr(self, "h_" + v)[ids] for v in self.views]
         uniq, inv = torch.unique(ids, return_inverse=True)
         rows = (uniq - 1).clamp(0, self.n - 1)  # pad / mask rows are computed on item 1 and zeroed below
         hA, hB = self.fusion(self.in_coarse[rows], self.in_coarse_mask[rows], self.in_fine[rows].float(),
                              self.in_fine_mask[rows])
-        h = torch.stack([{"A": hA, "B": hB}[v] for v in self.views], 1)
-        h = h * ((uniq >= 1) & (uniq <= self.n))[:, None, None].to(h.dtype)
-        return h[inv]
+        keep = ((uniq >= 1) & (uniq <= self.n))[:, None].to(hA.dtype)
+        return [({"A": hA, "B": hB}[v] * keep)[inv] for v in self.views]
 
     def forward(self, ids):
         shape = (*ids.shape, len(self.views), self.d)
-        x = self.emb(ids).view(shape) if self.emb is not None else 0
+        x = 0
+        if self.emb is not None:
+            x = self.emb(ids).view(shape)
+            x = x * self.id_scale[ids][..., None] if self.id_scale is not None else x
         if self.views != ["id"]:
-            h = self.semantic(ids)
-            x = x + torch.stack([a(h[..., i, :]) for i, a in enumerate(self.adapters)], -2)
+            x = x + torch.stack([a(h) for a, h in zip(self.adapters, self.content(ids))], -2)
         x = torch.where((ids == self.n + 1)[..., None, None], self.mask_vec, x)
         return x * (ids != 0)[..., None, None].to(x.dtype)
 
@@ -376,10 +442,11 @@ class ItemEncoder(nn.Module):
 class Recommender(nn.Module):
     """User state = backbone over each view's sequence of item vectors, concatenated; score = dot with item vectors."""
 
-    def __init__(self, cfg: Config, n_items: int, views: list[str], fused: dict | None):
+    def __init__(self, cfg: Config, n_items: int, views: list[str], fused: dict | None, sem: dict | None = None,
+                 pop: np.ndarray | None = None):
         super().__init__()
         self.n = n_items
-        self.items = ItemEncoder(n_items, cfg.hidden, views, fused, cfg.id_emb, cfg.finetune_fusion, cfg.init_scale)
+        self.items = ItemEncoder(cfg, n_items, views, fused, sem, pop)
         if cfg.backbone == "gru4rec":
             self.backbone = GRU(cfg.hidden, cfg.blocks, cfg.dropout)
         else:
@@ -538,28 +605,34 @@ def sampled_ranks(h, table, target, negs) -> torch.Tensor:
     return 1 + (s[:, 1:] >= s[:, :1]).sum(1)
 
 
+def user_states(model, hist, idx_all, cfg, device, bert: bool):
+    """Yield (rows, last states [B, V*d]) for the right-aligned histories hist[idx_all], batched by similar length so
+    trimming a batch's leading all-padding columns removes most of its padding."""
+    vecs = model.all_vectors()
+    idx_all = idx_all[np.argsort((hist[idx_all] != 0).sum(1), kind="stable")]
+    for b in range(0, len(idx_all), cfg.eval_batch):
+        idx = idx_all[b:b + cfg.eval_batch]
+        x = torch.from_numpy(hist[idx]).to(device)
+        if bert:  # BERT4Rec predicts the mask token appended after the history
+            x = torch.cat([x, torch.full_like(x[:, :1], model.n + 1)], 1)
+        x = x[:, (x != 0).any(0).nonzero()[0, 0]:]  # trim all-padding leading columns
+        yield idx, model.states(x, vecs)[:, -1]
+
+
 @torch.no_grad()
 def evaluate(model, hist, target, negs, cfg, device, bert: bool, rank=0, world=1):
     """Ranks of `target` given right-aligned histories `hist` ([E, L] numpy); users sharded across ranks."""
     was = model.training
     model.eval()
-    vecs = model.all_vectors()
-    table = vecs[1:model.n + 1].flatten(1)
+    table = model.table()
     mine = np.arange(rank, len(hist), world)
-    # similar lengths in a batch: trimming its leading all-padding columns then removes most of the padding
-    mine = mine[np.argsort((hist[mine] != 0).sum(1), kind="stable")]
-    out_f, out_s = [], []
-    for b in range(0, len(mine), cfg.eval_batch):
-        idx = mine[b:b + cfg.eval_batch]
-        x = torch.from_numpy(hist[idx]).to(device)
-        if bert:  # BERT4Rec predicts the mask token appended after the history
-            x = torch.cat([x, torch.full_like(x[:, :1], model.n + 1)], 1)
-        x = x[:, (x != 0).any(0).nonzero()[0, 0]:]  # trim all-padding leading columns
-        h = model.states(x, vecs)[:, -1]
+    out_m, out_f, out_s = [], [], []
+    for idx, h in user_states(model, hist, mine, cfg, device, bert):
         t = torch.from_numpy(target[idx]).to(device)
+        out_m.append(idx)
         out_f.append(full_ranks(h, table, t, cfg.eval_chunk).cpu())
         out_s.append(sampled_ranks(h, table, t, torch.from_numpy(negs[idx]).to(device)).cpu())
-    parts = [(mine, torch.cat(out_f).numpy() if out_f else np.zeros(0, np.int64),
+    parts = [(np.concatenate(out_m) if out_m else mine, torch.cat(out_f).numpy() if out_f else np.zeros(0, np.int64),
               torch.cat(out_s).numpy() if out_s else np.zeros(0, np.int64))]
     if world > 1:  # every rank gets every rank's shard, so all ranks take the same early-stopping decision
         local, parts = parts[0], [None] * world
@@ -569,6 +642,33 @@ def evaluate(model, hist, target, negs, cfg, device, bert: bool, rank=0, world=1
         rf[m], rs[m] = a, b
     model.train(was)
     return rf, rs
+
+
+@torch.no_grad()
+def content_match_ranks(model, hist, seen, target, negs, text, gammas, cfg, device, bert) -> dict:
+    """Ranks under the training-free content-match term (EVIDENCE.md lever 5): score_j + gamma * cos(t_j, t_last),
+    t = the items' pooled original-text vectors (L2-normalised), t_last = the last history item's. The cosine is zeroed
+    on the user's own items (`seen`, right-aligned), else the last item would match itself. Also the content-only
+    reference, the cosine alone with the user's items excluded. {gamma: (full, sampled), "content_only": (...)}"""
+    was = model.training
+    model.eval()
+    table, N = model.table(), model.n
+    out = {g: (np.zeros(len(hist), np.int64), np.zeros(len(hist), np.int64)) for g in [*gammas, "content_only"]}
+    for idx, h in user_states(model, hist, np.arange(len(hist)), cfg, device, bert):
+        t = torch.from_numpy(target[idx]).to(device)
+        cand = torch.cat([t[:, None], torch.from_numpy(negs[idx]).to(device)], 1) - 1
+        own = torch.from_numpy(seen[idx]).to(device)
+        c = F.pad(text[torch.from_numpy(hist[idx, -1]).to(device) - 1] @ text.T, (1, 0))  # column 0 = padding
+        only = c.scatter(1, own, float("-inf"))[:, 1:]
+        c = c.scatter_(1, own, 0.0)[:, 1:]
+        s_model, buf = h @ table.T, torch.empty_like(c)
+        for g in out:
+            s = only if g == "content_only" else torch.add(s_model, c, alpha=g, out=buf)
+            sc = s.gather(1, cand)
+            out[g][1][idx] = (1 + (sc[:, 1:] >= sc[:, :1]).sum(1)).cpu().numpy()
+            out[g][0][idx] = count_at_least(s, sc[:, :1].clone()).cpu().numpy()  # overwrites s: last use
+    model.train(was)
+    return out
 
 
 def protocol_metrics(rf, rs) -> dict:
@@ -599,6 +699,13 @@ def resolve_views(cfg: Config) -> tuple[list[str], Path | None, str]:
         raise SystemExit(f"--loss {cfg.loss!r}: expected ce or bce")
     if cfg.select not in ("full", "sampled"):
         raise SystemExit(f"--select {cfg.select!r}: expected auto, full or sampled")
+    if cfg.semantic not in ("fused", "raw") or cfg.id_init not in ("random", "pca"):
+        raise SystemExit(f"--semantic {cfg.semantic!r} / --id-init {cfg.id_init!r}: expected fused|raw / random|pca")
+    bad = {v.strip() for v in cfg.id_free.split(",") if v.strip()} - {"A", "B"}
+    if bad:
+        raise SystemExit(f"--id-free {cfg.id_free!r}: expected a comma-separated subset of A, B")
+    if cfg.finetune_fusion and (cfg.semantic == "raw" or cfg.whiten):
+        raise SystemExit("--finetune-fusion trains stage 3's module: it does not combine with --semantic raw or --whiten")
     if cfg.hidden % cfg.heads:
         raise SystemExit(f"--hidden {cfg.hidden} must be divisible by --heads {cfg.heads}")
     return views, (fused_path if views != ["id"] else None), mode
@@ -613,6 +720,13 @@ def load_fused(path: Path, ds: common.Dataset) -> dict:
             raise common.ArtifactError(f"{path}: field '{k}' has shape {tuple(fused[k].shape)}, expected "
                                        f"[{ds.n_items}, d]")
     return fused
+
+
+def load_semantics(path: Path, ds: common.Dataset) -> dict:
+    sem = common.load_artifact(path, "semantics", fingerprint=ds.fingerprint)
+    if list(sem["item_ids"]) != ds.item_ids:
+        raise common.ArtifactError(f"{path}: item_ids differ from {ds.root}/items.jsonl; rerun stage 1")
+    return sem
 
 
 def peak_memory_mb(device) -> float:
@@ -638,11 +752,14 @@ def train(cfg: Config) -> dict:
 
     views, fused_path, mode = resolve_views(cfg)
     ds = common.load_dataset(cfg.data, check_images=False)
-    fused = load_fused(fused_path, ds) if fused_path else None
+    fused = load_fused(fused_path, ds) if fused_path and cfg.semantic == "fused" else None
+    sem_path = Path(cfg.semantics) if cfg.semantics else Path(cfg.data) / "semantics.pt"
+    need_sem = fused_path is not None and cfg.semantic == "raw"
+    sem = load_semantics(sem_path, ds) if need_sem or (cfg.content_grid and sem_path.is_file()) else None
     name = cfg.name or f"{cfg.backbone}_{cfg.loss}_{mode}_s{cfg.seed}"
     out_dir = Path(cfg.data) / "runs" / name
     log.info(f"dataset {cfg.data}: {ds.report} fingerprint {ds.fingerprint}; views {mode} {views}"
-             + (f" from {fused_path}" if fused_path else "") + f"; world {world}, device {device}")
+             + (f" from {fused_path if cfg.semantic == 'fused' else sem_path}" if fused_path else "") + f"; world {world}, device {device}")
     common.log_config(cfg)
 
     # ---- data (plumbing) ----
@@ -672,7 +789,8 @@ def train(cfg: Config) -> dict:
         log.warning(f"only {n_neg} negatives per user fit this catalogue (asked {cfg.n_neg})")
 
     # ---- model and optimiser ----
-    model = Recommender(cfg, N, views, fused).to(device)
+    pop = np.bincount(np.concatenate(train_seqs), minlength=N + 1)[1:]  # training interactions only
+    model = Recommender(cfg, N, views, fused, sem, pop).to(device)
     ddp = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
@@ -799,6 +917,10 @@ def train(cfg: Config) -> dict:
     rf, rs = evaluate(model, test_hist, test_tgt, negs, cfg, device, bert, rank, world)
     test = protocol_metrics(rf, rs)
     test["groups"] = group_metrics(rf, rs, train_seqs, eval_users, test_hist, test_tgt, N, cfg)
+    content = None
+    if sem is not None and cfg.content_grid and rank == 0:
+        content = content_match(model, sem, ds, train_seqs, eval_users, (val_hist, val_tgt, val_negs),
+                                (test_hist, test_tgt, negs), cfg, device, bert)
     results = {
         "config": asdict(cfg), "backbone": cfg.backbone, "loss": cfg.loss, "views": mode, "seed": cfg.seed,
         "fused": str(fused_path) if fused_path else None,
@@ -811,7 +933,8 @@ def train(cfg: Config) -> dict:
                      "selection": f"early stopping and best epoch on validation NDCG@10 ({sel}); "
                                   "test evaluated once"},
         "world_size": world, "epochs_run": len(curve), "best_epoch": best_epoch, "interrupted_by": stop["signal"],
-        "valid": next(r["valid"] for r in curve if r["epoch"] == best_epoch), "test": test, "curve": curve,
+        "valid": next(r["valid"] for r in curve if r["epoch"] == best_epoch), "test": test,
+        "content_match": content, "curve": curve,
         "train_seconds": train_s, "sequences_per_second": seqs_seen / max(train_s, 1e-9),
         "peak_memory_mb": peak_memory_mb(device),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads",
@@ -832,6 +955,37 @@ def train(cfg: Config) -> dict:
         gc.collect()
         dist.destroy_process_group()
     return results
+
+
+def content_match(model, sem, ds, train_seqs, eval_users, valid, test, cfg, device, bert) -> dict:
+    """The inference-time content term, gamma chosen on validation NDCG@10 (the --select protocol; the smallest gamma
+    on a tie), then test once; plus the content-only reference. The model is not retrained: the run's own test
+    figures stay the as-trained ones."""
+    text = F.normalize(sem["text_pooled"].float(), dim=-1).to(device)
+    gammas = [float(g) for g in cfg.content_grid.split(",")]
+    sel, out = SELECT[cfg.select], {}
+    for split, (hist, tgt, negs) in (("valid", valid), ("test", test)):
+        users = [ds.seqs[u][:-2] if split == "valid" else ds.seqs[u][:-1] for u in eval_users]
+        seen, _ = right_aligned(users, max(len(x) for x in users))
+        ranks = content_match_ranks(model, hist, seen, tgt, negs, text, gammas, cfg, device, bert)
+        out[split] = {g: protocol_metrics(*r) for g, r in ranks.items()}
+        if split == "valid":
+            by_gamma = {g: out["valid"][g][sel]["NDCG@10"] for g in gammas}
+            gamma = max(gammas, key=lambda g: (by_gamma[g], -g))
+        else:
+            test_ranks = ranks
+    res = {"text": "stage-1 pooled original item text (semantics.pt text_pooled), cosine to the last history item, "
+                   "zeroed on the user's own items", "grid": gammas, "gamma": gamma,
+           "valid_by_gamma": by_gamma, "valid": out["valid"][gamma]}
+    for key, g in (("test", gamma), ("content_only", "content_only")):
+        res[key] = {**out["test"][g], "groups": group_metrics(*test_ranks[g], train_seqs, eval_users, test[0], test[1],
+                                                              ds.n_items, cfg)}
+    res["content_only"]["valid"] = out["valid"]["content_only"]
+    t, c = res["test"]["full"], res["content_only"]["full"]
+    log.info(f"content match: gamma {gamma:g} (validation {sel} NDCG@10 {by_gamma[0.0] if 0.0 in by_gamma else 0:.4f} "
+             f"-> {by_gamma[gamma]:.4f}); test full NDCG@10 {t['NDCG@10']:.4f} HR@10 {t['HR@10']:.4f}; "
+             f"content only {c['NDCG@10']:.4f}")
+    return res
 
 
 def group_metrics(rf, rs, train_seqs, eval_users, hist, target, N, cfg) -> dict:

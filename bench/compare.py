@@ -32,6 +32,13 @@ def metrics(res: dict, protocol: str = "full", group: str | None = None) -> dict
     return (test if group is None else test.get("groups", {}).get(group, {})).get(protocol, {})
 
 
+def with_content_match(res: dict, key: str = "test") -> dict:
+    """The run as ranked with its inference-time content-match term (key "test", gamma chosen on validation) or by the
+    content alone ("content_only"), in the shape metrics() reads; {} when the run has none (no semantics.pt)."""
+    cm = res.get("content_match") or {}
+    return {**res, "test": cm[key]} if key in cm else {}
+
+
 def describe(res: dict) -> dict:
     cfg = {**res.get("config", {}), **{k: v for k, v in res.items() if not isinstance(v, (dict, list))}}
     return {"backbone": cfg.get("backbone", "?"), "views": cfg.get("views", "?"), "loss": cfg.get("loss", "?"),

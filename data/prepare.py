@@ -274,6 +274,14 @@ def build_synthetic(a) -> dict:
     # a companion item ("bought X, then Y") in the next category: sequential structure an ID model can learn
     companion = by_cat.sample((attrs["cat"] + 1) % C, rng)
     companion = np.where(companion >= 0, companion, rng.integers(n, size=n))
+    # the items' text details, drawn before any user: the catalogue (text and images) depends on --seed and the item
+    # flags only, so user-side variants of a dataset share one stage-1 run (its cache is keyed by the prompts)
+    noun_pick = rng.integers(4, size=n)
+    price = np.empty(n)
+    for k, (_, lo, hi) in enumerate(PRICE_BANDS):
+        sel = attrs["price"] == k
+        price[sel] = rng.uniform(lo, hi, size=sel.sum())
+    model_no = rng.integers(100, 1000, size=n)
 
     # ---- users: latent tastes over image-only and text-only attributes, then sequences step by step ----
     # Each step: a category from a Markov chain (stay / next category / back to the favourite), CANDIDATES items of it,
@@ -329,12 +337,6 @@ def build_synthetic(a) -> dict:
     if not a.no_images:
         (out / "images").mkdir(exist_ok=True)
     colour_names = list(COLOURS)
-    noun_pick = rng.integers(4, size=n)
-    price = np.empty(n)
-    for k, (_, lo, hi) in enumerate(PRICE_BANDS):
-        sel = attrs["price"] == k
-        price[sel] = rng.uniform(lo, hi, size=sel.sum())
-    model_no = rng.integers(100, 1000, size=n)
     items, truth = [], ["item_id,category,colour,shape,pattern,brand,price_band"]
     width = len(str(n - 1))
     cols = zip(*(attrs[k].tolist() for k in ("cat", "colour", "shape", "pattern", "brand", "price")),

@@ -1,6 +1,7 @@
 """Stage 4 as a specification: no leak from the future, SDPA == plain attention, hand-computed metrics and ties,
 fixed sampled negatives, model selection blind to test, every backbone end to end, and the dual-view plug-in."""
 import csv
+from pathlib import Path
 import importlib
 import json
 import math
@@ -365,3 +366,105 @@ def test_sweep_runs_in_parallel_and_shows_validation_only(tiny_dataset):
         res = json.loads((tiny_dataset / "runs" / name / "results.json").read_text())
         assert res["config"]["dropout"] == dropout and res["config"]["hidden"] == 16
         assert f"{res['valid']['full']['NDCG@10']:.4f}" in out.stdout
+
+
+# ---- the plug-in's levers (EVIDENCE.md): conditioning, PCA start, ID gate, content-only view, content match ----
+
+def write_semantics(root: Path, seed=0, E=12) -> dict:
+    """A stage-1-shaped semantics.pt fixture for `root` (random vectors, items of one family close together)."""
+    ds = common.load_dataset(root)
+    g = torch.Generator().manual_seed(seed)
+    family = torch.randn(5, E, generator=g)
+    base = torch.stack([family[k % 5] for k in range(ds.n_items)]) + 0.3 * torch.randn(ds.n_items, E, generator=g)
+    view_mask = torch.rand(ds.n_items, 3, generator=g) < 0.7
+    payload = {"item_ids": ds.item_ids, "view_emb": (base[:, None] + 0.1 * torch.randn(ds.n_items, 3, E, generator=g)),
+               "view_mask": view_mask, "text_pooled": torch.nn.functional.normalize(base, dim=-1).half()}
+    common.save_artifact(root / "semantics.pt", "semantics", payload, {"fixture": "random"}, ds.fingerprint)
+    return payload
+
+
+def test_whitening_gives_unit_covariance_and_pca_the_top_axes():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 6, generator=g, dtype=torch.float64) @ torch.diag(torch.tensor([9.0, 5, 2, 1, .5, .1],
+                                                                                        dtype=torch.float64)) + 3
+    w = stage4.whiten(x)
+    assert torch.allclose(w.mean(0), torch.zeros(6, dtype=w.dtype), atol=1e-9)
+    assert torch.allclose(torch.cov(w.T), torch.eye(6, dtype=w.dtype), atol=1e-6)
+    p = stage4.pca(x, 3)
+    var = p.var(0)
+    evals = torch.linalg.eigvalsh(torch.cov(x.T)).flip(0)[:3]  # the top three eigenvalues, largest first
+    assert torch.allclose(var, evals, rtol=1e-6) and torch.allclose(torch.cov(p.T), torch.diag(var), atol=1e-6)
+    assert stage4.pca(x[:, :2], 4)[:, 2:].abs().max() == 0  # fewer axes than asked: zero columns
+    assert stage4.whiten(torch.cat([x, x[:, :1]], 1)).shape[1] == 6  # a repeated column is dropped, not inf
+
+
+def test_id_free_view_and_popularity_gate(tiny_dataset):
+    payload = write_semantics(tiny_dataset)
+    ds = common.load_dataset(tiny_dataset)
+    pop = np.arange(ds.n_items) % 4  # items with 0 training interactions get no ID part at all
+    cfg = stage4.Config(data=str(tiny_dataset), hidden=8, semantic="raw", id_free="B", id_gate=2.0)
+    model = stage4.Recommender(cfg, ds.n_items, ["A", "B"], None, payload, pop)
+    ids = torch.arange(1, ds.n_items + 1)
+    with torch.no_grad():
+        before = model.items(ids)
+        model.items.emb.weight.add_(1.0)
+        after = model.items(ids)
+    moved = (after - before).abs().amax(-1)  # [N, V]
+    assert moved[:, 1].max() == 0  # B is content only
+    assert torch.allclose(moved[:, 0], torch.as_tensor(pop / (pop + 2.0), dtype=moved.dtype))  # A: gated ID part
+
+
+def test_pca_start_is_content_shaped_at_the_random_inits_scale(tiny_dataset):
+    payload = write_semantics(tiny_dataset)
+    ds = common.load_dataset(tiny_dataset)
+    cfg = stage4.Config(data=str(tiny_dataset), hidden=4, semantic="raw", id_init="pca", whiten=True)
+    model = stage4.Recommender(cfg, ds.n_items, ["A", "B"], None, payload, np.ones(ds.n_items))
+    emb = model.items.emb.weight[1:ds.n_items + 1].detach()
+    table_b = stage4.semantic_tables(cfg, ["B"], None, payload)["B"]
+    expect = stage4.pca(table_b, 4)
+    got = emb[:, 4:]
+    assert torch.allclose(got / got.std(), expect / expect.std(), atol=1e-5)
+    assert got.std().item() == pytest.approx(cfg.init_scale / 2, rel=1e-4)
+
+
+def test_levers_read_training_interactions_only(tiny_dataset, tmp_path):
+    """Gate, PCA and whitening read content and training interactions: replacing every user's validation AND test
+    target leaves the whole training (loss curve) unchanged; validation (which reads its targets) may change."""
+    from conftest import write_dataset
+    seqs = _read_seqs(tiny_dataset)
+    items = [json.loads(line) for line in open(tiny_dataset / "items.jsonl")]
+    rng = np.random.default_rng(7)
+    other = write_dataset(tmp_path / "other", {u: s[:-2] + [f"i{rng.integers(40)}", f"i{rng.integers(40)}"]
+                                               for u, s in seqs.items()}, items)
+    runs = []
+    for root in (tiny_dataset, other):
+        write_semantics(root)
+        cfg = stage4.Config(data=str(root), views="dual", semantic="raw", whiten=True, id_init="pca", id_gate=2.0,
+                            id_free="B", hidden=8, epochs=3, batch_size=16, seed=3, threads=1, content_grid="0,1")
+        runs.append(stage4.train(cfg))
+    a, b = runs
+    assert [r["loss"] for r in a["curve"]] == [r["loss"] for r in b["curve"]]
+    assert a["test"]["full"] != b["test"]["full"]
+
+
+def test_content_match_picks_gamma_on_validation_and_matches_hand_computed_ranks(tiny_dataset):
+    payload = write_semantics(tiny_dataset)
+    cfg = stage4.Config(data=str(tiny_dataset), views="id", hidden=8, epochs=3, batch_size=16, threads=1,
+                        content_grid="0,0.5,1000", name="cm")
+    res = stage4.train(cfg)
+    cm = res["content_match"]
+    assert cm["valid_by_gamma"][0.0] == res["valid"]["full"]["NDCG@10"]  # gamma 0 = the model as trained
+    assert cm["gamma"] == max(cm["grid"], key=lambda g: (cm["valid_by_gamma"][g], -g))
+    # the content-only reference by hand: cosine to the last history item, the user's own items never ranked
+    ds = common.load_dataset(tiny_dataset)
+    _, users = ds.split()
+    t = torch.nn.functional.normalize(payload["text_pooled"].float(), dim=-1).numpy()
+    ranks = []
+    for u in users:
+        hist, target = ds.seqs[u][:-1], ds.seqs[u][-1]
+        s = t @ t[hist[-1] - 1]
+        s[hist - 1] = -np.inf
+        ranks.append(1 + int((s >= s[target - 1]).sum()) - 1)  # ties count against the target
+    hand = stage4.rank_metrics(ranks)
+    for k, v in hand.items():
+        assert cm["content_only"]["full"][k] == pytest.approx(v, abs=1e-6)

@@ -63,6 +63,19 @@ def test_synthetic_is_deterministic_and_every_item_has_a_readable_image(tmp_path
     assert cfg["args"]["items"] == 40 and cfg["argv"][0] == "synthetic" and cfg["counts"] == ca
 
 
+def test_synthetic_catalogue_does_not_depend_on_the_user_side_flags(tmp_path):
+    """Item text, images and attributes are a function of --seed and the item flags: user-side variants of a dataset
+    (fewer users, longer histories, stronger tastes) share one stage-1 run."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    prep("synthetic", "--out", a, "--items", "40", "--users", "120", "--image-size", "48")
+    prep("synthetic", "--out", b, "--items", "40", "--users", "60", "--avg-len", "7", "--taste", "5", "--zipf", "0.8",
+         "--image-size", "48")
+    for name in ("items.jsonl", "synthetic_attributes.csv"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert all(p.read_bytes() == (b / "images" / p.name).read_bytes() for p in (a / "images").iterdir())
+    assert (a / "interactions.csv").read_bytes() != (b / "interactions.csv").read_bytes()
+
+
 def test_synthetic_attributes_live_where_they_should(tmp_path):
     """Shape, colour and pattern only in the image; brand and price band only in the text; category in both."""
     d = tmp_path / "s"
