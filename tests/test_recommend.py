@@ -1,5 +1,5 @@
 """Using a trained run: `04_train_backbone.py DATA --recommend RUN` and stage4.recommend() give the top-k items of the
-model's own scores for a history, seen items excluded (unless --keep-seen), and refuse bad input with one clear error."""
+model's own scores for a history, seen items excluded (unless --keep-seen); bad input gets one clear error."""
 import importlib
 import json
 import shutil
@@ -88,7 +88,7 @@ def test_recommend_from_the_command_line_equals_the_function(trained, tmp_path):
     want = stage4.recommend(trained, "sas", users=["u3", "u17", "u9", "u10"], histories=[["i5", "i6", "i7"], ["i1"]],
                             k=5)
     assert [r["user"] for r in rows] == [r["user"] for r in want] and rows[-1]["history"] == ["i1"]
-    for got, ref in zip(rows, want):  # scores may differ in the last float32 bit: another batch shape, another thread count
+    for got, ref in zip(rows, want):  # scores may differ in the last float32 bit (other batch shape, thread count)
         assert_same(items_of(got), items_of(ref))
         assert [it["title"] for it in got["items"]] == [it["title"] for it in ref["items"]]
     run_script("04_train_backbone.py", trained, "--recommend", "sas", "--k", "4", "--out", tmp_path / "all.jsonl")
