@@ -116,7 +116,9 @@ def plot(data: str | Path, groups: dict[str, list[str]], path: str | Path, proto
     ax_b.margins(y=0.12)
     for ax in (ax_c, ax_b):
         ax.grid(alpha=0.3)
-    fig.legend(loc="outside lower center", ncol=min(len(res), 4), frameon=False)
+    longest = max(len(lab) for lab in ax_b.get_legend_handles_labels()[1])
+    ncol = max(1, min(len(res), 4, 1150 // (6 * longest + 45)))  # as many columns as fit 1200 px at 9 pt (~6 px/char)
+    fig.legend(loc="outside lower center", ncol=ncol, frameon=False, fontsize=9)
     fig.suptitle(f"{title or Path(data).name}: {proto}; {spread}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
