@@ -17,6 +17,8 @@ ranking for ce, sampled-100 for bce: --select); test evaluated once at the best 
 
     python 04_train_backbone.py DATA [--backbone sasrec|gru4rec|bert4rec] [--loss ce|bce] [--views auto|id|dual|A|B]
     torchrun --nproc_per_node N 04_train_backbone.py DATA ...     (DDP: gloo on CPU, NCCL on GPU; rank 0 writes)
+    python 04_train_backbone.py DATA --recommend RUN [--user ID ... | --history ID,ID,... | --users-file F] [--k 10]
+                                                                  (top-k JSON lines from a trained run; recommend())
 
 Reads DATA/interactions.csv, DATA/items.jsonl and, for the fused views, DATA/fused.pt (or --fused).
 Writes DATA/runs/<name>/results.json (config, validation curve, best epoch, test metrics, groups, throughput) and
@@ -140,7 +142,7 @@ class Config:
     name: str = ""
     """run name: output goes to DATA/runs/<name>/ (default BACKBONE_LOSS_VIEWS_sSEED)"""
     recommend: str = ""
-    """instead of training: JSON lines of top-k items from DATA/runs/<RUN>/model.pt (default: for every user)"""
+    """instead of training: top-k items from DATA/runs/<RUN>/model.pt as JSON lines (no users/histories given: all)"""
     user: list[str] = field(default_factory=list)
     """--recommend: user ids; the history is the user's whole sequence in interactions.csv"""
     history: list[str] = field(default_factory=list)
