@@ -1019,5 +1019,7 @@ if __name__ == "__main__":
     common.setup_logging(sys.stderr if cfg.recommend and not cfg.out else None)  # stdout carries the JSON lines
     if cfg.recommend:
         recommend_cli(cfg)
+    elif cfg.user or cfg.history or cfg.users_file or cfg.out:
+        raise SystemExit("error: --user, --history, --users-file and --out go with --recommend RUN")
     else:
         train(cfg)
