@@ -17,6 +17,8 @@ ranking for ce, sampled-100 for bce: --select); test evaluated once at the best 
 
     python 04_train_backbone.py DATA [--backbone sasrec|gru4rec|bert4rec] [--loss ce|bce] [--views auto|id|dual|A|B]
     torchrun --nproc_per_node N 04_train_backbone.py DATA ...     (DDP: gloo on CPU, NCCL on GPU; rank 0 writes)
+    python 04_train_backbone.py DATA --recommend RUN [--user ID ... | --history ID,ID,... | --users-file F] [--k 10]
+                                                                  (top-k JSON lines from a trained run; recommend())
 
 Reads DATA/interactions.csv, DATA/items.jsonl and, for the fused views, DATA/fused.pt (or --fused).
 Writes DATA/runs/<name>/results.json (config, validation curve, best epoch, test metrics, groups, throughput) and
@@ -34,7 +36,7 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +155,20 @@ class Config:
     """torch CPU threads (0 = torch's default)"""
     name: str = ""
     """run name: output goes to DATA/runs/<name>/ (default BACKBONE_LOSS_VIEWS_sSEED)"""
+    recommend: str = ""
+    """instead of training: top-k items from DATA/runs/<RUN>/model.pt as JSON lines (no users/histories given: all)"""
+    user: list[str] = field(default_factory=list)
+    """--recommend: user ids; the history is the user's whole sequence in interactions.csv"""
+    history: list[str] = field(default_factory=list)
+    """--recommend: histories as comma-separated item ids, oldest first (one argument per history)"""
+    users_file: str = ""
+    """--recommend: a text file of user ids, one per line"""
+    k: int = 10
+    """--recommend: items per user"""
+    keep_seen: bool = False
+    """--recommend: allow items already in the history (excluded by default)"""
+    out: str = ""
+    """--recommend: write the JSON lines to this file (default stdout)"""
 
     def __post_init__(self):  # -1 = the backbone's own; resolved at once, so results.json records what the run used
         if self.backbone in DROPOUT:  # (an unknown backbone is refused with a clear message by resolve_views)
@@ -605,6 +621,16 @@ def sampled_ranks(h, table, target, negs) -> torch.Tensor:
     return 1 + (s[:, 1:] >= s[:, :1]).sum(1)
 
 
+def last_states(model, hist: np.ndarray, vecs, device, bert: bool) -> torch.Tensor:
+    """User vectors [B, V*d] from right-aligned histories [B, L] (numpy): the backbone's state at the last position.
+    Shared by evaluation and recommendation, so a recommended list ranks items exactly as the evaluation does."""
+    x = torch.from_numpy(hist).to(device)
+    if bert:  # BERT4Rec predicts the mask token appended after the history
+        x = torch.cat([x, torch.full_like(x[:, :1], model.n + 1)], 1)
+    x = x[:, (x != 0).any(0).nonzero()[0, 0]:]  # trim all-padding leading columns
+    return model.states(x, vecs)[:, -1]
+
+
 def user_states(model, hist, idx_all, cfg, device, bert: bool):
     """Yield (rows, last states [B, V*d]) for the right-aligned histories hist[idx_all], batched by similar length so
     trimming a batch's leading all-padding columns removes most of its padding."""
@@ -612,11 +638,7 @@ def user_states(model, hist, idx_all, cfg, device, bert: bool):
     idx_all = idx_all[np.argsort((hist[idx_all] != 0).sum(1), kind="stable")]
     for b in range(0, len(idx_all), cfg.eval_batch):
         idx = idx_all[b:b + cfg.eval_batch]
-        x = torch.from_numpy(hist[idx]).to(device)
-        if bert:  # BERT4Rec predicts the mask token appended after the history
-            x = torch.cat([x, torch.full_like(x[:, :1], model.n + 1)], 1)
-        x = x[:, (x != 0).any(0).nonzero()[0, 0]:]  # trim all-padding leading columns
-        yield idx, model.states(x, vecs)[:, -1]
+        yield idx, last_states(model, hist[idx], vecs, device, bert)
 
 
 @torch.no_grad()
@@ -1010,6 +1032,153 @@ def save_checkpoint(path, model, cfg, ds, views, best_epoch):
                                             "best_epoch": best_epoch}, cfg, ds.fingerprint)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# USE: top-k recommendations from a trained run (--recommend RUN), from the command line or a notebook
+# ----------------------------------------------------------------------------------------------------------------------
+
+def load_trained(data, run: str, device="auto") -> tuple[Recommender, Config, common.Dataset]:
+    """The best-epoch model of DATA/runs/<run>/model.pt (eval mode, on `device`), rebuilt from its stored config with
+    the fused views it was trained with, plus that config and the dataset. Refuses a missing model file and a run made
+    from another dataset (the checkpoint's fingerprint)."""
+    ds = common.load_dataset(data, check_images=False)
+    path = Path(data) / "runs" / run / "model.pt"
+    if not path.is_file():
+        have = sorted(p.parent.name for p in (Path(data) / "runs").glob("*/model.pt"))
+        raise common.ArtifactError(f"{path}: not found; train it first (`python 04_train_backbone.py {data} --name "
+                                   f"{run}`)" + (f"; runs with a model here: {', '.join(have)}" if have else ""))
+    ckpt = common.load_artifact(path, "backbone", fingerprint=ds.fingerprint)
+    unknown = sorted(set(ckpt["config"]) - {f.name for f in fields(Config)})
+    if unknown:  # a field this code does not know may change the model: refuse rather than rebuild a different one
+        raise common.ArtifactError(f"{path}: config field(s) {unknown} are unknown to this version of "
+                                   f"04_train_backbone.py; recommend with the version that trained it")
+    cfg = Config(**{**ckpt["config"], "data": str(data)})
+    fused = sem = None
+    if ckpt["views"] != ["id"]:
+        if cfg.semantic == "fused":
+            src = Path(cfg.fused) if cfg.fused else Path(data) / "fused.pt"
+            fused = load_fused(src, ds)
+        else:
+            src = Path(cfg.semantics) if cfg.semantics else Path(data) / "semantics.pt"
+            sem = load_semantics(src, ds)
+        if src.stat().st_mtime > path.stat().st_mtime:
+            log.warning(f"{src} was rewritten after {path} was saved: the views may differ from training")
+    pop = np.bincount(np.concatenate(ds.split()[0]), minlength=ds.n_items + 1)[1:]  # as in training: the ID gate
+    model = Recommender(cfg, ds.n_items, ckpt["views"], fused, sem, pop)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(common.pick_device(device)).eval(), cfg, ds
+
+
+@torch.no_grad()
+def top_k(model, cfg: Config, seqs: list[np.ndarray], k: int, keep_seen: bool = False, batch: int = 1024):
+    """Item ids [U, k] (1-based; 0 where fewer than k items are left) and scores [U, k], best first, for histories
+    `seqs` (internal ids, oldest first). Every item is scored by the evaluation's dot product; a history's own items
+    are excluded unless keep_seen. Batched like the evaluation: users sorted by length, so trimming removes padding."""
+    device, bert = model.items.mask_vec.device, cfg.backbone == "bert4rec"
+    hist, lens = right_aligned(seqs, cfg.max_len - 1 if bert else cfg.max_len)
+    vecs = model.all_vectors()
+    table = model.table(vecs)
+    k = min(k, model.n)
+    ids, scores = np.zeros((len(seqs), k), np.int64), np.full((len(seqs), k), -np.inf, np.float32)
+    order = np.argsort(lens, kind="stable")
+    buf = torch.empty(min(batch, len(seqs)), model.n, device=device)  # one buffer: fresh pages cost more than the mm
+    for b in range(0, len(order), batch):
+        idx = order[b:b + batch]
+        s = torch.mm(last_states(model, hist[idx], vecs, device, bert), table.T, out=buf[:len(idx)])
+        if not keep_seen:  # the whole history, not only the max_len items the backbone reads
+            seen = [seqs[u] for u in idx]
+            rows = torch.from_numpy(np.repeat(np.arange(len(idx)), [len(x) for x in seen])).to(device)
+            s[rows, torch.from_numpy(np.concatenate(seen) - 1).to(device)] = float("-inf")
+        v, i = s.topk(k, dim=1)
+        ids[idx], scores[idx] = i.cpu().numpy() + 1, v.cpu().numpy()
+    ids[np.isneginf(scores)] = 0
+    return ids, scores
+
+
+def queries(ds: common.Dataset, users=None, histories=None, where=None) -> tuple[list, list[np.ndarray]]:
+    """(labels, internal-id sequences) for user ids (their whole sequence) and histories (lists of item ids); no users
+    and no histories = every user. `where[j]` names where user j came from (a file:line) for the unknown-id error."""
+    if users is None and histories is None:
+        return list(ds.user_ids), list(ds.seqs)
+    uindex = {u: n for n, u in enumerate(ds.user_ids)}
+    iindex = {s: n + 1 for n, s in enumerate(ds.item_ids)}
+    labels, seqs = [], []
+    for j, u in enumerate(users or []):
+        if str(u) not in uindex:
+            raise common.DatasetError(f"{where[j] if where else 'user'}: unknown user id {u!r} (not in "
+                                      f"{ds.root}/interactions.csv, {ds.n_users} users)")
+        labels.append(str(u))
+        seqs.append(ds.seqs[uindex[str(u)]])
+    for j, h in enumerate(histories or []):
+        bad = [i for i in h if str(i) not in iindex]
+        if bad or not h:
+            raise common.DatasetError(f"history {j + 1}: " + (f"unknown item id {bad[0]!r} (not in {ds.root}/"
+                                      f"items.jsonl)" if bad else "empty (give at least one item id)"))
+        labels.append(None)
+        seqs.append(np.array([iindex[str(i)] for i in h], dtype=np.int64))
+    return labels, seqs
+
+
+def recommend(data, run: str, users=None, histories=None, k: int = 10, keep_seen: bool = False, device="auto",
+              batch: int = 1024) -> list[dict]:
+    """Top-k items from DATA/runs/<run>/model.pt, one dict per query: {"user", "items": [{"item_id", "title",
+    "score"}, ...]}. `users`: user ids of DATA (history = the whole sequence); `histories`: lists of item ids, oldest
+    first ("user" None, "history" echoed); neither: every user. For notebooks:
+        stage4 = importlib.import_module("04_train_backbone"); stage4.recommend("data/toy", "sasrec_id", ["user0007"])
+    """
+    model, cfg, ds = load_trained(data, run, device)
+    labels, seqs = queries(ds, users, histories)
+    ids, scores = top_k(model, cfg, seqs, k, keep_seen, batch)
+    return [format_row(ds, lab, seq, row, sc) for lab, seq, row, sc in zip(labels, seqs, ids, scores)]
+
+
+def format_row(ds: common.Dataset, label, seq, ids, scores) -> dict:
+    out = {"user": label}
+    if label is None:
+        out["history"] = [ds.item_ids[i - 1] for i in seq]
+    out["items"] = [{"item_id": ds.item_ids[i - 1], "title": ds.items[i - 1].get("title", ""), "score": float(s)}
+                    for i, s in zip(ids.tolist(), scores.tolist()) if i]
+    return out
+
+
+def recommend_cli(cfg: Config) -> None:
+    """--recommend RUN: JSON lines on stdout or to --out (written atomically); bad input is one `error:` line."""
+    if cfg.k < 1:
+        raise SystemExit(f"error: --k {cfg.k}: must be at least 1")
+    try:
+        model, run_cfg, ds = load_trained(cfg.data, cfg.recommend, cfg.device)
+        users, where = list(cfg.user), ["--user"] * len(cfg.user)
+        if cfg.users_file:
+            if not Path(cfg.users_file).is_file():
+                raise common.DatasetError(f"{cfg.users_file}: file not found (--users-file: one user id per line)")
+            for n, line in enumerate(Path(cfg.users_file).read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    users.append(line.strip())
+                    where.append(f"{cfg.users_file}:{n}")
+        histories = [h.split(",") for h in cfg.history]
+        any_given = bool(users or histories)
+        labels, seqs = queries(ds, users if any_given else None, histories if any_given else None, where)
+    except (common.DatasetError, common.ArtifactError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    ids, scores = top_k(model, run_cfg, seqs, cfg.k, cfg.keep_seen, cfg.eval_batch)
+    dt = time.perf_counter() - t0
+    lines = (json.dumps(format_row(ds, *q), ensure_ascii=False) + "\n" for q in zip(labels, seqs, ids, scores))
+    if cfg.out:
+        common.write_text_atomic(cfg.out, lines)
+    else:
+        sys.stdout.writelines(lines)
+    log.info(f"recommend {cfg.recommend}: top-{cfg.k} of {ds.n_items} items for {len(seqs)} histories in {dt:.2f}s "
+             f"({len(seqs) / max(dt, 1e-9):.0f} users/s)" + (f" -> {cfg.out}" if cfg.out else ""))
+
+
 if __name__ == "__main__":
-    common.setup_logging()
-    train(common.parse_config(Config, description=__doc__.split("\n\n")[0]))
+    cfg = common.parse_config(Config, description=__doc__.split("\n\n")[0])
+    common.setup_logging(sys.stderr if cfg.recommend and not cfg.out else None)  # stdout carries the JSON lines
+    if cfg.recommend:
+        recommend_cli(cfg)
+    elif cfg.user or cfg.history or cfg.users_file or cfg.out:
+        raise SystemExit("error: --user, --history, --users-file and --out go with --recommend RUN")
+    else:
+        train(cfg)

@@ -16,6 +16,7 @@ import os
 import random
 import sys
 import textwrap
+import typing
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -29,8 +30,10 @@ FORMAT_VERSION = 1  # bump when the layout of a stage artifact changes; loaders 
 log = logging.getLogger("dmesr")
 
 
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+def setup_logging(stream=None) -> None:
+    """One-line log records on `stream` (default stdout; stderr when stdout carries a command's output)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        stream=stream or sys.stdout)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -68,6 +71,9 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
                            action=argparse.BooleanOptionalAction)
         elif typ in (int, float, str):
             p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default, type=typ, help=help_)
+        elif typing.get_origin(typ) is list:  # list[str]: `--flag A B C`, each value one element
+            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default, nargs="+",
+                           type=typing.get_args(typ)[0], help=help_)
         else:  # Optional[...] / list types: take the text, let the stage interpret it
             p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default, help=help_)
     return cls(**vars(p.parse_args(argv)))
@@ -318,6 +324,22 @@ def save_artifact(path: str | Path, kind: str, payload: dict, config: Any, finge
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_text_atomic(path: str | Path, chunks) -> Path:
+    """Write text chunks to a temp file beside `path` and rename it over `path`, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for c in chunks:
+                f.write(c)
+        os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what DMESR needs, then runs the whole pipeline on the embedded default: the synthetic dataset and the
-# offline `compact` MLLM (EfficientNet-Lite0 tags + SmolLM2-135M), ending with a plain-backbone vs DMESR table.
+# offline `compact` MLLM (EfficientNet-Lite0 tags + SmolLM2-135M), ending with a plain-backbone vs DMESR table and picture.
 #   bash demo.sh                 install + pipeline
 #   bash demo.sh --install-only  install only (what .ci/run uses before the tests)
 set -euo pipefail
@@ -17,4 +17,4 @@ python 02_align.py $D
 python 03_fuse.py $D
 python 04_train_backbone.py $D --views id --name sasrec_id
 python 04_train_backbone.py $D --views dual --name sasrec_dmesr
-python bench/compare.py $D sasrec_id sasrec_dmesr
+python bench/compare.py $D sasrec_id sasrec_dmesr --plot $D/compare.png

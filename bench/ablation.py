@@ -10,7 +10,9 @@ Runs what is missing, in order: stage 2 (DATA/aligned.pt) and the stage-3 varian
   | [synthetic data only: the content ceiling, --views dual on fused_oracle.pt = the generator's true attributes]
 A finished run (DATA/runs/<name>/results.json) is reused, so an interrupted comparison resumes where it stopped.
 Writes bench/results/<dataset>_<backbone>[_<loss>][_<tag>].md: test metrics, full ranking over all items (the primary
-protocol), overall and on tail items, mean ± sample std over the seeds, with protocol, loss, dataset and seeds.
+protocol), overall and on tail items, mean ± sample std over the seeds, with protocol, loss, dataset and seeds; and
+beside it the same name .png: validation curves and test NDCG@10 overall / tail / head (bench/compare.py's plot).
+--results DIR writes both to another folder.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import load_run, metrics, with_content_match  # noqa: E402  (one reader of results.json)
+from compare import load_run, metrics, plot, with_content_match  # noqa: E402  (one reader of results.json, one picture)
 
 # name, label, stage-4 flags, stage-3 artifact it needs (None = none)
 VARIANTS = [
@@ -145,6 +147,7 @@ def main(argv=None):
                    "whose flags cannot change the plain backbone, e.g. --no-id-emb)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per stage run (1 is fastest on shared cores)")
     p.add_argument("--rerun-stage3", action="store_true", help="rebuild the stage-2/3 artifacts even if present")
+    p.add_argument("--results", default=str(ROOT / "bench" / "results"), help="folder for the table and picture")
     p.add_argument("--jobs", type=int, default=1, help="stage runs at a time (stage-3 variants, then stage-4 runs); "
                    "e.g. many on one GPU with --train-args '--device cuda', or one per core with --threads 1")
     a = p.parse_args(argv)
@@ -245,12 +248,15 @@ def main(argv=None):
         lines += ["Both with the content-match term, DMESR against plain + content match:",
                   f"- overall: {verdict('dmesr+test', 'NDCG@10', 'id+test')}",
                   f"- tail items: {verdict('dmesr+test', 'tail NDCG@10', 'id+test')}", ""]
-    lines += ["Runs: " + ", ".join(f"`{n}`" for ns in names.values() for n in ns), ""]
-    out = ROOT / "bench" / "results" / f"{data.name}_{a.backbone}{'' if a.loss == 'ce' else '_' + a.loss}{sfx}.md"
+    out = Path(a.results) / f"{data.name}_{a.backbone}{'' if a.loss == 'ce' else '_' + a.loss}{sfx}.md"
+    lines += ["Runs: " + ", ".join(f"`{n}`" for ns in names.values() for n in ns), "",
+              f"![validation curves and test NDCG@10]({out.with_suffix('.png').name})", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     print("\n".join(lines))
-    print(f"wrote {out}")
+    plot(data, {label: names[key] for key, label, _, _ in variants}, out.with_suffix(".png"), "full",
+         title=f"{data.name}, {a.backbone}, loss {a.loss}{' (' + a.tag + ')' if a.tag else ''}")
+    print(f"wrote {out} and {out.with_suffix('.png').name}")
 
 
 def semantics_label(data: Path) -> str:

@@ -1,14 +1,18 @@
 """Print a markdown table comparing finished stage-4 runs (full-ranking test metrics, overall and on tail items).
 
-    python bench/compare.py DATA RUN [RUN ...] [--protocol full|sampled100]
+    python bench/compare.py DATA RUN [RUN ...] [--protocol full|sampled100] [--plot FILE.png]
 
 Reads DATA/runs/<RUN>/results.json (written by 04_train_backbone.py); prints one row per run with its protocol, loss,
-seed and views, so every number says how it was measured.
+seed and views, so every number says how it was measured. --plot also draws the picture: each run's validation
+NDCG@10 against the epoch, and bars of test NDCG@10 for all users / tail items / head items. Runs whose names differ
+only in a trailing _s<SEED> are one variant: one colour, bars at the mean with the sample std as error bars.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -63,15 +67,85 @@ def table(data: str, names: list[str], protocol: str = "full") -> str:
     return "\n".join(rows)
 
 
+def seed_groups(names: list[str]) -> dict[str, list[str]]:
+    """{variant: its runs}: names that differ only in a trailing _s<SEED> (the default and bench/ablation.py names)."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(re.sub(r"_s\d+$", "", n), []).append(n)
+    return groups
+
+
+BARS = [(None, "all users"), ("tail_items", "tail items"), ("head_items", "head items")]
+
+
+def plot(data: str | Path, groups: dict[str, list[str]], path: str | Path, protocol: str = "full",
+         title: str = "") -> Path:
+    """A PNG (1200 x 500 px): left, validation NDCG@10 of every run against the epoch (a colour per variant, a dot at
+    the best epoch); right, test NDCG@10 for all users / tail items / head items, one bar per variant at the mean over
+    its runs, error bars = sample std when it has several seeds. `groups` = {legend label: run names}."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed: works on a headless box
+    import matplotlib.pyplot as plt
+
+    res = {label: [load_run(data, n) for n in names] for label, names in groups.items()}
+    fig, (ax_c, ax_b) = plt.subplots(1, 2, figsize=(12, 5), dpi=100, layout="constrained",
+                                     gridspec_kw={"width_ratios": [1.25, 1]})
+    colours = plt.get_cmap("tab10").colors
+    width = 0.8 / len(res)
+    seeds = set()
+    for g, (label, runs) in enumerate(res.items()):
+        c = colours[g % len(colours)]
+        for r in runs:
+            pts = [(row["epoch"], row["valid"][protocol]["NDCG@10"]) for row in r.get("curve", []) if "valid" in row]
+            if pts:
+                ax_c.plot(*zip(*pts), color=c, lw=1.4, alpha=0.85)
+                best = dict(pts).get(r.get("best_epoch"))
+                if best is not None:
+                    ax_c.plot([r["best_epoch"]], [best], "o", color=c, ms=5)
+        vals = [[metrics(r, protocol, grp).get("NDCG@10", float("nan")) for r in runs] for grp, _ in BARS]
+        mean = [statistics.fmean(v) for v in vals]
+        std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+        seeds.add(len(runs))
+        xs = [j - 0.4 + width * (g + 0.5) for j in range(len(BARS))]
+        ax_b.bar(xs, mean, width, yerr=std if len(runs) > 1 else None, capsize=3, color=c,
+                 label=label + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""))
+        if len(res) <= 4:  # values above the error bars; more variants would make them overlap
+            for x, m, sd in zip(xs, mean, std):
+                ax_b.annotate(f"{m:.3f}", (x, m + sd), xytext=(0, 3), textcoords="offset points", ha="center",
+                              va="bottom", fontsize=8)
+    first = next(iter(res.values()))[0].get("test", {}).get("groups", {})
+    ax_b.set_xticks(range(len(BARS)), [name + (f"\n({first[grp]['users']} users)" if grp in first else "")
+                                       for grp, name in BARS])
+    proto = "full ranking over all items" if protocol == "full" else "100 sampled negatives"
+    ax_c.set(xlabel="epoch", ylabel=f"validation NDCG@10 ({protocol})", title="validation curve (dot: best epoch)")
+    spread = "bars: mean ± sample std over seeds" if max(seeds) > 1 else "one seed per variant"
+    ax_b.set(ylabel=f"test NDCG@10 ({protocol})", title="test set, each run's best epoch")
+    ax_b.margins(y=0.12)
+    for ax in (ax_c, ax_b):
+        ax.grid(alpha=0.3)
+    longest = max(len(lab) for lab in ax_b.get_legend_handles_labels()[1])
+    ncol = max(1, min(len(res), 4, 1150 // (6 * longest + 45)))  # as many columns as fit 1200 px at 9 pt (~6 px/char)
+    fig.legend(loc="outside lower center", ncol=ncol, frameon=False, fontsize=9)
+    fig.suptitle(f"{title or Path(data).name}: {proto}; {spread}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("data", help="dataset directory holding runs/")
     p.add_argument("runs", nargs="+", help="run names (DATA/runs/<name>)")
     p.add_argument("--protocol", default="full", choices=["full", "sampled100"], help="test protocol to print")
+    p.add_argument("--plot", default="", metavar="FILE.png", help="also draw validation curves and test bars here")
     a = p.parse_args(argv)
     print(f"dataset {a.data}, test set, {a.protocol} ranking"
           + (" over all items" if a.protocol == "full" else " (100 sampled negatives)"))
     print(table(a.data, a.runs, a.protocol))
+    if a.plot:
+        print(f"wrote {plot(a.data, seed_groups(a.runs), a.plot, a.protocol)}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
     python data/prepare.py sports    --out data/sports                    # ID-only (no item text)
     python data/prepare.py movielens --out data/ml300 --top-items 300     # ratings + title/genres/tags + posters
     python data/prepare.py amazon2023 --reviews All_Beauty.jsonl.gz --meta meta_All_Beauty.jsonl.gz --out data/ab
+    python data/prepare.py recbole --src dataset/ml-100k --name ml-100k --out data/ml100k   # RecBole atomic files
 
 Writes DIR/interactions.csv (user_id,item_id,timestamp), DIR/items.jsonl (item_id, title, brand, categories, price,
 description, image), DIR/images/, and DIR/prepare_config.json (the exact arguments). Prints one JSON line on stdout:
@@ -710,6 +711,132 @@ def build_amazon2023(a) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# recbole: RecBole's atomic files (NAME.inter + optional NAME.item), tab-separated with typed headers
+# ----------------------------------------------------------------------------------------------------------------------
+
+RECBOLE_TYPES = ("token", "token_seq", "float", "float_seq")
+TITLE_FIELDS = ("title", "movie_title", "name")  # the .item column that becomes `title`, first found; others by name:
+CANONICAL_FIELDS = {"brand": "brand", "categories": "categories", "genre": "categories", "genres": "categories",
+                    "class": "categories", "price": "price", "description": "description"}
+
+
+def _recbole_rows(path: Path, need: dict[str, str]):
+    """(columns {name: index}, types {name: type}, rows as (line number, fields)) of one atomic file; `need` = {field:
+    type} that must be present with that type. The header is name:type per column; a malformed one names its column."""
+    def reader(f):  # RecBole's files are plain tab-joined, never quoted
+        return csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+
+    with open(_need(path), encoding="utf-8", newline="") as f:
+        header = next(reader(f), None)
+    if not header:
+        raise PrepareError(f"{path}:1: empty file (expected a typed header such as 'user_id:token')")
+    cols, types = {}, {}
+    for k, h in enumerate(header, 1):
+        name, _, typ = h.strip().rpartition(":")
+        if not name or typ not in RECBOLE_TYPES:
+            raise PrepareError(f"{path}:1: column {k} {h!r}: a typed header is 'name:type' with type one of "
+                               f"{', '.join(RECBOLE_TYPES)}")
+        if name in cols:
+            raise PrepareError(f"{path}:1: column {k} {h!r}: field {name!r} appears twice")
+        cols[name], types[name] = k - 1, typ
+    for name, typ in need.items():
+        if name not in cols:
+            raise PrepareError(f"{path}:1: no field {name!r} in the header {header!r} (choose the field by name with "
+                               f"--user-field / --item-field)")
+        if types[name] != typ:
+            raise PrepareError(f"{path}:1: field {name!r} is declared {types[name]}, expected {typ}")
+
+    def body():
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = reader(f)
+            next(rows)
+            for row in rows:
+                if not row or row == [""]:
+                    continue
+                if len(row) != len(header):
+                    raise PrepareError(f"{path}:{rows.line_num}: expected {len(header)} tab-separated fields "
+                                       f"({', '.join(cols)}), got {len(row)}")
+                yield rows.line_num, row
+    return cols, types, body()
+
+
+def build_recbole(a) -> dict:
+    src = Path(a.src)
+    inter, item_file = src / f"{a.name}.inter", src / f"{a.name}.item"
+    cols, types, rows = _recbole_rows(inter, {a.user_field: "token", a.item_field: "token"})
+    t_col = cols.get(a.time_field)
+    if t_col is None:
+        log.warning(f"{inter}: no {a.time_field!r} field; each user's rows are taken in file order")
+    elif types[a.time_field] != "float":
+        raise PrepareError(f"{inter}:1: field {a.time_field!r} is declared {types[a.time_field]}, expected float")
+    uid, iid, u, i, t = {}, {}, [], [], []
+    for lineno, row in rows:
+        user, item = row[cols[a.user_field]], row[cols[a.item_field]]
+        for name, val in ((a.user_field, user), (a.item_field, item)):
+            if not val:
+                raise PrepareError(f"{inter}:{lineno}: field {name!r} is empty")
+        if t_col is None:
+            t.append(float(lineno))
+        else:
+            try:
+                t.append(float(row[t_col]))
+            except ValueError:
+                t.append(float("nan"))
+            if not math.isfinite(t[-1]):
+                raise PrepareError(f"{inter}:{lineno}: field {a.time_field!r}: {row[t_col]!r} is not a finite number")
+        u.append(uid.setdefault(user, len(uid)))
+        i.append(iid.setdefault(item, len(iid)))
+    u, i, t = np.asarray(u, dtype=np.int64), np.asarray(i, dtype=np.int64), np.asarray(t, dtype=np.float64)
+    keep = kcore(u, i, a.kcore)
+    u, i, t = u[keep], i[keep], t[keep]
+    item_names = list(iid)
+    used = np.unique(i)
+    wanted = {item_names[k] for k in used}
+
+    meta: dict[str, dict] = {}
+    if item_file.is_file():
+        icols, itypes, irows = _recbole_rows(item_file, {a.item_field: "token"})
+        text = [c for c in icols if c != a.item_field and itypes[c] in ("token", "token_seq")]
+        title = next((c for c in TITLE_FIELDS if c in text), None)
+        first_line: dict[str, int] = {}
+        for lineno, row in irows:
+            key = row[icols[a.item_field]]
+            if key in first_line:
+                raise PrepareError(f"{item_file}:{lineno}: field {a.item_field!r}: duplicate item id {key!r} (first "
+                                   f"defined on line {first_line[key]})")
+            first_line[key] = lineno
+            if key not in wanted:
+                continue
+            m, extra = {}, []
+            for c in text:
+                v = row[icols[c]].strip()
+                if not v:
+                    continue
+                if c == title:
+                    m["title"] = v
+                elif c in CANONICAL_FIELDS and CANONICAL_FIELDS[c] not in m:
+                    m[CANONICAL_FIELDS[c]] = [v] if CANONICAL_FIELDS[c] == "categories" else v
+                else:
+                    extra.append(f"{c}: {v}")
+            if "price" in icols and itypes["price"] == "float" and row[icols["price"]].strip():
+                m["price"] = row[icols["price"]].strip()
+            if extra:
+                m["description"] = ". ".join(([m["description"]] if "description" in m else []) + extra)
+            meta[key] = m
+        log.info(f"recbole: text from {item_file} columns {text}" + (f", title = {title!r}" if title else ""))
+        missing = len(wanted - set(meta))
+        if missing:
+            log.warning(f"{item_file}: {missing} item(s) of {inter.name} have no row; they are kept without text")
+    else:
+        log.warning(f"{item_file}: not found; items get no text (an ID-only dataset)")
+    items, new_index = [], np.full(len(item_names), -1)
+    for k in used:
+        new_index[k] = len(items)
+        items.append({"item_id": item_names[k], **meta.get(item_names[k], {})})
+    return write_dataset(Path(a.out), list(uid), [it["item_id"] for it in items], u, new_index[i], t, items)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -754,6 +881,14 @@ def parse_args(argv=None):
     s.add_argument("--retries", type=int, default=3, help="retries of a transient failure (timeout, 5xx, 429)")
     s.add_argument("--backoff", type=float, default=0.5, help="first retry delay in seconds; doubles each retry")
     s.add_argument("--workers", type=int, default=8, help="concurrent downloads")
+    s = add("recbole", "RecBole atomic files: NAME.inter (+ NAME.item for the item text)")
+    s.add_argument("--src", required=True, help="folder holding NAME.inter and, optionally, NAME.item")
+    s.add_argument("--name", required=True, help="the dataset's name: reads SRC/NAME.inter, SRC/NAME.item")
+    s.add_argument("--kcore", type=int, default=5, help="iterative k-core on users and items (0 = none)")
+    s.add_argument("--user-field", default="user_id", help="the .inter field of the user id (RecBole's USER_ID_FIELD)")
+    s.add_argument("--item-field", default="item_id", help="the field of the item id (RecBole's ITEM_ID_FIELD)")
+    s.add_argument("--time-field", default="timestamp", help="the .inter field that orders each user's rows "
+                   "(RecBole's TIME_FIELD; absent = file order)")
     return p.parse_args(argv)
 
 
@@ -763,6 +898,7 @@ def main(argv=None) -> dict:
     t0 = time.time()
     out = Path(a.out)
     build = {"synthetic": build_synthetic, "movielens": build_movielens, "amazon2023": build_amazon2023,
+             "recbole": build_recbole,
              "beauty": lambda a: build_seq_file(a, "Beauty", Path(a.src) / "Beauty_items.tsv"),
              "sports": lambda a: build_seq_file(a, "Sports_and_Outdoors", None)}[a.source]
     counts = build(a)

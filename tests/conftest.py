@@ -42,6 +42,11 @@ def write_dataset(root: Path, seqs: dict, items: list[dict]) -> Path:
 @pytest.fixture
 def tiny_dataset(tmp_path):
     """80 users over 40 text-only items with a learnable pattern (next item = previous + 1, mostly)."""
+    return make_tiny_dataset(tmp_path / "tiny")
+
+
+def make_tiny_dataset(root: Path) -> Path:
+    """The tiny_dataset fixture's data, for fixtures of a wider scope."""
     rng = np.random.default_rng(0)
     n_items = 40
     items = [{"item_id": f"i{k}", "title": f"product {k} in family {k % 5}", "brand": f"brand{k % 7}"}
@@ -51,4 +56,4 @@ def tiny_dataset(tmp_path):
         start, length = rng.integers(n_items), rng.integers(5, 15)
         seqs[f"u{u}"] = [f"i{(start + j) % n_items}" if rng.random() < 0.8 else f"i{rng.integers(n_items)}"
                          for j in range(length)]
-    return write_dataset(tmp_path / "tiny", seqs, items)
+    return write_dataset(root, seqs, items)

@@ -1,0 +1,57 @@
+"""The pictures: bench/compare.py --plot and bench/ablation.py draw validation curves and test bars into a PNG that
+opens, has the documented size, and shows one colour per variant (runs differing only in their seed share one)."""
+import importlib
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, run_script
+
+stage4 = importlib.import_module("04_train_backbone")
+sys.path.insert(0, str(ROOT / "bench"))
+compare = importlib.import_module("compare")
+TAB10 = {"blue": (31, 119, 180), "orange": (255, 127, 14), "green": (44, 160, 44)}
+
+
+def colour_pixels(png, rgb) -> int:
+    a = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    return int((np.abs(a - np.array(rgb)).sum(-1) < 30).sum())
+
+
+def test_seed_groups_join_runs_that_differ_only_in_the_seed():
+    assert compare.seed_groups(["sasrec_ce_id_s42", "sasrec_ce_id_s43", "dmesr_s42", "plain", "x_s1_b"]) == {
+        "sasrec_ce_id": ["sasrec_ce_id_s42", "sasrec_ce_id_s43"], "dmesr": ["dmesr_s42"], "plain": ["plain"],
+        "x_s1_b": ["x_s1_b"]}
+
+
+def test_compare_plot_of_two_tiny_runs_is_a_readable_png(tiny_dataset, tmp_path):
+    kw = dict(data=str(tiny_dataset), views="id", epochs=3, batch_size=16, hidden=16, threads=1)
+    stage4.train(stage4.Config(name="sas", **kw))
+    stage4.train(stage4.Config(name="gru", backbone="gru4rec", **kw))
+    out = run_script("bench/compare.py", tiny_dataset, "sas", "gru", "--plot", tmp_path / "pics" / "cmp.png").stdout
+    assert "| sas |" in out and f"wrote {tmp_path / 'pics' / 'cmp.png'}" in out
+    with Image.open(tmp_path / "pics" / "cmp.png") as im:
+        assert im.format == "PNG" and im.size == (1200, 500)
+    # two variants: blue and orange (curves, bars, legend); no third colour
+    assert colour_pixels(tmp_path / "pics" / "cmp.png", TAB10["blue"]) > 2000
+    assert colour_pixels(tmp_path / "pics" / "cmp.png", TAB10["orange"]) > 2000
+    assert colour_pixels(tmp_path / "pics" / "cmp.png", TAB10["green"]) == 0
+    with pytest.raises(SystemExit, match="runs/missing/results.json: not found"):
+        compare.plot(tiny_dataset, {"x": ["missing"]}, tmp_path / "x.png")
+
+
+def test_ablation_writes_the_picture_beside_its_table(tiny_dataset, tmp_path):
+    """Two seeds of the plain variant, trained here under the names bench/ablation.py gives them (so it reuses them
+    instead of starting subprocesses): one colour for both seeds, and the table links the picture."""
+    for seed in (1, 2):
+        stage4.train(stage4.Config(data=str(tiny_dataset), views="id", epochs=2, batch_size=16, hidden=16, threads=1,
+                                   seed=seed, name=f"sasrec_ce_id_s{seed}"))
+    ablation = importlib.import_module("ablation")
+    ablation.main([str(tiny_dataset), "--variants", "id", "--seeds", "1,2", "--results", str(tmp_path)])
+    md, png = tmp_path / "tiny_sasrec.md", tmp_path / "tiny_sasrec.png"
+    assert "![validation curves and test NDCG@10](tiny_sasrec.png)" in md.read_text()
+    with Image.open(png) as im:
+        assert im.size == (1200, 500)
+    assert colour_pixels(png, TAB10["blue"]) > 2000 and colour_pixels(png, TAB10["orange"]) == 0
