@@ -82,7 +82,7 @@ class Config:
     finetune_fusion: bool = False
     """rebuild stage 3's BiCrossFusion from the fused file and train it end to end with the recommendation loss"""
     semantic: str = "fused"
-    """content behind the views: fused (stage 3's h_A, h_B) | raw (stage 1's frozen vectors: A = the MLLM views, B = the original text)"""
+    """content behind the views: fused (stage 3's h_A, h_B) | raw (stage 1's frozen vectors: A = the MLLM views, B = the original text) | both (concatenated)"""
     semantics: str = ""
     """stage-1 artifact for --semantic raw and the content-match term (default DATA/semantics.pt)"""
     whiten: bool = False
@@ -372,13 +372,15 @@ def pca(x: torch.Tensor, k: int) -> torch.Tensor:
 def semantic_tables(cfg: Config, views: list[str], fused: dict | None, sem: dict | None) -> dict[str, torch.Tensor]:
     """The frozen content table behind each view, [N, df], at unit mean norm (so the adapter's scale does not depend on
     where the table came from). --semantic fused reads stage 3's h_A / h_B; raw reads stage 1 directly: A = the mean of
-    the item's MLLM description vectors (zeros when it has none), B = its pooled original text."""
-    if cfg.semantic == "raw":
+    the item's MLLM description vectors (zeros when it has none), B = its pooled original text; both concatenates the
+    two, so the fused view keeps the frozen content beside it (pre-training on interactions cannot wash it out)."""
+    if cfg.semantic in ("raw", "both"):
         m = sem["view_mask"].float()[..., None]
         raw = {"A": (sem["view_emb"].float() * m).sum(1) / m.sum(1).clamp_min(1.0), "B": sem["text_pooled"].float()}
     out = {}
     for v in views:
-        h = raw[v] if cfg.semantic == "raw" else fused["h_" + v].float()
+        h = {"raw": lambda: raw[v], "fused": lambda: fused["h_" + v].float(),
+             "both": lambda: torch.cat([fused["h_" + v].float(), raw[v]], 1)}[cfg.semantic]()
         h = whiten(h) if cfg.whiten else h
         out[v] = h / h.norm(dim=-1).mean().clamp_min(1e-8)
     return out
@@ -721,13 +723,14 @@ def resolve_views(cfg: Config) -> tuple[list[str], Path | None, str]:
         raise SystemExit(f"--loss {cfg.loss!r}: expected ce or bce")
     if cfg.select not in ("full", "sampled"):
         raise SystemExit(f"--select {cfg.select!r}: expected auto, full or sampled")
-    if cfg.semantic not in ("fused", "raw") or cfg.id_init not in ("random", "pca"):
-        raise SystemExit(f"--semantic {cfg.semantic!r} / --id-init {cfg.id_init!r}: expected fused|raw / random|pca")
+    if cfg.semantic not in ("fused", "raw", "both") or cfg.id_init not in ("random", "pca"):
+        raise SystemExit(f"--semantic {cfg.semantic!r} / --id-init {cfg.id_init!r}: expected fused|raw|both / "
+                         "random|pca")
     bad = {v.strip() for v in cfg.id_free.split(",") if v.strip()} - {"A", "B"}
     if bad:
         raise SystemExit(f"--id-free {cfg.id_free!r}: expected a comma-separated subset of A, B")
-    if cfg.finetune_fusion and (cfg.semantic == "raw" or cfg.whiten):
-        raise SystemExit("--finetune-fusion trains stage 3's module: it does not combine with --semantic raw or --whiten")
+    if cfg.finetune_fusion and (cfg.semantic != "fused" or cfg.whiten):
+        raise SystemExit("--finetune-fusion trains stage 3's module: it goes with --semantic fused and --no-whiten")
     if cfg.hidden % cfg.heads:
         raise SystemExit(f"--hidden {cfg.hidden} must be divisible by --heads {cfg.heads}")
     return views, (fused_path if views != ["id"] else None), mode
@@ -774,14 +777,15 @@ def train(cfg: Config) -> dict:
 
     views, fused_path, mode = resolve_views(cfg)
     ds = common.load_dataset(cfg.data, check_images=False)
-    fused = load_fused(fused_path, ds) if fused_path and cfg.semantic == "fused" else None
+    fused = load_fused(fused_path, ds) if fused_path and cfg.semantic != "raw" else None
     sem_path = Path(cfg.semantics) if cfg.semantics else Path(cfg.data) / "semantics.pt"
-    need_sem = fused_path is not None and cfg.semantic == "raw"
+    need_sem = fused_path is not None and cfg.semantic != "fused"
     sem = load_semantics(sem_path, ds) if need_sem or (cfg.content_grid and sem_path.is_file()) else None
     name = cfg.name or f"{cfg.backbone}_{cfg.loss}_{mode}_s{cfg.seed}"
     out_dir = Path(cfg.data) / "runs" / name
     log.info(f"dataset {cfg.data}: {ds.report} fingerprint {ds.fingerprint}; views {mode} {views}"
-             + (f" from {fused_path if cfg.semantic == 'fused' else sem_path}" if fused_path else "") + f"; world {world}, device {device}")
+             + (f" from {fused_path if cfg.semantic == 'fused' else sem_path}" if fused_path else "")
+             + f" ({cfg.semantic}); world {world}, device {device}")
     common.log_config(cfg)
 
     # ---- data (plumbing) ----
@@ -1054,14 +1058,16 @@ def load_trained(data, run: str, device="auto") -> tuple[Recommender, Config, co
     cfg = Config(**{**ckpt["config"], "data": str(data)})
     fused = sem = None
     if ckpt["views"] != ["id"]:
-        if cfg.semantic == "fused":
-            src = Path(cfg.fused) if cfg.fused else Path(data) / "fused.pt"
-            fused = load_fused(src, ds)
-        else:
-            src = Path(cfg.semantics) if cfg.semantics else Path(data) / "semantics.pt"
-            sem = load_semantics(src, ds)
-        if src.stat().st_mtime > path.stat().st_mtime:
-            log.warning(f"{src} was rewritten after {path} was saved: the views may differ from training")
+        srcs = []
+        if cfg.semantic != "raw":
+            srcs.append(Path(cfg.fused) if cfg.fused else Path(data) / "fused.pt")
+            fused = load_fused(srcs[-1], ds)
+        if cfg.semantic != "fused":
+            srcs.append(Path(cfg.semantics) if cfg.semantics else Path(data) / "semantics.pt")
+            sem = load_semantics(srcs[-1], ds)
+        for src in srcs:
+            if src.stat().st_mtime > path.stat().st_mtime:
+                log.warning(f"{src} was rewritten after {path} was saved: the views may differ from training")
     pop = np.bincount(np.concatenate(ds.split()[0]), minlength=ds.n_items + 1)[1:]  # as in training: the ID gate
     model = Recommender(cfg, ds.n_items, ckpt["views"], fused, sem, pop)
     model.load_state_dict(ckpt["state_dict"])

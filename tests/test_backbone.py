@@ -468,3 +468,22 @@ def test_content_match_picks_gamma_on_validation_and_matches_hand_computed_ranks
     hand = stage4.rank_metrics(ranks)
     for k, v in hand.items():
         assert cm["content_only"]["full"][k] == pytest.approx(v, abs=1e-6)
+
+
+def test_semantic_sources_fused_raw_and_both():
+    """raw: A = mean of the item's available MLLM view vectors, B = its pooled original text; both = [fused, raw]."""
+    g = torch.Generator().manual_seed(0)
+    N, E = 7, 5
+    view_emb, mask = torch.randn(N, 3, E, generator=g), torch.rand(N, 3, generator=g) < 0.6
+    mask[0] = False  # an item without any MLLM view: zeros, not NaN
+    sem = {"view_emb": view_emb, "view_mask": mask, "text_pooled": torch.randn(N, E, generator=g)}
+    fused = {"h_A": torch.randn(N, 4, generator=g), "h_B": torch.randn(N, 4, generator=g)}
+    tables = {src: stage4.semantic_tables(stage4.Config(semantic=src), ["A", "B"], fused, sem)
+              for src in ("fused", "raw", "both")}
+    m = mask.float()[..., None]
+    raw_a = (view_emb * m).sum(1) / m.sum(1).clamp_min(1)
+    unit = lambda x: x / x.norm(dim=-1).mean()  # noqa: E731  every table at unit mean norm
+    assert torch.allclose(tables["raw"]["A"], unit(raw_a)) and tables["raw"]["A"][0].abs().max() == 0
+    assert torch.allclose(tables["raw"]["B"], unit(sem["text_pooled"]))
+    assert torch.allclose(tables["fused"]["B"], unit(fused["h_B"]))
+    assert torch.allclose(tables["both"]["B"], unit(torch.cat([fused["h_B"], sem["text_pooled"]], 1)))
