@@ -20,7 +20,7 @@ import re
 import sys
 import textwrap
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +176,7 @@ def _open_image_ok(path: Path) -> str | None:
 
 # A timestamp is an ASCII integer, an ASCII decimal or an ISO date. float() alone would also take '1_000', '١٢٣' and
 # 'nan', and would tie distinct integers above 2**53 (nanosecond clocks), silently reordering a user's items.
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _INT = re.compile(r"[+-]?[0-9]+")
 _DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 # items.jsonl fields the stages read, and the JSON types each may take (null = absent; bool is never a number here)
@@ -190,20 +191,21 @@ def _show(value, n: int = 80) -> str:
     return r if len(r) <= n else r[:n] + f"... ({len(r)} characters in all)"
 
 
-def _timestamp(ts: str) -> tuple[float, int]:
-    """Sort key (value, exact integer remainder) of a timestamp field; ValueError saying why it is not one."""
+def _timestamp(ts: str) -> tuple[str, float, int]:
+    """Kind ('number' or 'date') and sort key (value, exact integer remainder) of a timestamp field; ValueError saying
+    why it is not one. Integers and dates (in microseconds) order exactly; decimals at double precision."""
     s = ts.strip()
     if _INT.fullmatch(s):
         v = int(s) if len(s) < 25 else 2 ** 63  # (int() refuses thousands of digits with its own error)
         if abs(v) >= 2 ** 63:
             raise ValueError("is out of range (a timestamp must be below 2**63 in magnitude)")
         hi = float(v)
-        return hi, v - int(hi)  # float rounding is monotone, so (hi, remainder) orders integers exactly
+        return "number", hi, v - int(hi)  # float rounding is monotone, so (hi, remainder) orders integers exactly
     if _DECIMAL.fullmatch(s):
         v = float(s)
         if not math.isfinite(v):
             raise ValueError("is not a finite number")
-        return v, 0
+        return "number", v, 0
     try:
         d = datetime.fromisoformat(s)
     except ValueError:
@@ -212,10 +214,10 @@ def _timestamp(ts: str) -> tuple[float, int]:
         except ValueError:
             finite = True
         raise ValueError("is neither a number nor an ISO date" if finite else "is not a finite number") from None
-    try:  # a date without a time zone is read as UTC: local time would tie or invert the times around a DST change
-        return (d if d.tzinfo else d.replace(tzinfo=timezone.utc)).timestamp(), 0
-    except (OverflowError, ValueError):  # year 1 or 9999 pushed past the calendar by its UTC offset
-        raise ValueError("is out of range") from None
+    # a date without a time zone is read as UTC: local time would tie or invert the times around a DST change
+    us = ((d if d.tzinfo else d.replace(tzinfo=timezone.utc)) - _EPOCH) // timedelta(microseconds=1)
+    hi = float(us)
+    return "date", hi, us - int(hi)
 
 
 def _undecodable(s: str) -> int:
@@ -338,6 +340,7 @@ def load_dataset(root: str | Path, check_images: bool = True) -> Dataset:
     users: dict[str, int] = {}
     u_col, i_col, t_col, t_rem = [], [], [], []
     unknown, first_unknown = 0, None
+    first_kind = None  # (kind, line) of the first timestamp: numbers and dates do not mix (no common unit)
     # strict: an unclosed quote or text after a closing quote is an error, not a field silently glued to the next rows
     with open(inter_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.reader(f, strict=True)
@@ -371,9 +374,13 @@ def load_dataset(root: str | Path, check_images: bool = True) -> Dataset:
                     raise DatasetError(f"{inter_path}:{lineno}: field 'user_id': {_show(uid)} has leading or "
                                        f"trailing whitespace")
                 try:
-                    t, rem = _timestamp(ts)
+                    kind, t, rem = _timestamp(ts)
                 except ValueError as e:
                     raise DatasetError(f"{inter_path}:{lineno}: field 'timestamp': {_show(ts)} {e}") from None
+                first_kind = first_kind or (kind, lineno)
+                if kind != first_kind[0]:
+                    raise DatasetError(f"{inter_path}:{lineno}: field 'timestamp': {_show(ts)} is a {kind} but line "
+                                       f"{first_kind[1]} holds a {first_kind[0]}; one file takes one kind")
                 j = index.get(iid)
                 if j is None:
                     unknown += 1
