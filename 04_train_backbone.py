@@ -20,7 +20,8 @@ ranking for ce, sampled-100 for bce: --select); test evaluated once at the best 
 
 Reads DATA/interactions.csv, DATA/items.jsonl and, for the fused views, DATA/fused.pt (or --fused).
 Writes DATA/runs/<name>/results.json (config, validation curve, best epoch, test metrics, groups, throughput) and
-DATA/runs/<name>/model.pt (best-epoch weights; saved each time validation improves, so a crash loses nothing).
+DATA/runs/<name>/model.pt (best-epoch weights; saved each time validation improves, so a crash loses nothing) and
+DATA/runs/<name>/last.pt (the whole run state each epoch: `--resume` continues a killed run to the same results).
 """
 from __future__ import annotations
 
@@ -728,7 +729,7 @@ def train(cfg: Config) -> dict:
     train_s, seqs_seen, resumed, start, stopped_by = 0.0, 0, [], 1, None
     out_dir.mkdir(parents=True, exist_ok=True)
     last = out_dir / "last.pt"
-    ck = load_resume(last, cfg, ds, device, rank, world) if cfg.resume else None
+    ck = load_resume(last, cfg, ds, world) if cfg.resume else None
     if ck is not None:  # the epochs' own streams come from (seed, epoch): the state below is all a resumed run needs
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
@@ -890,7 +891,6 @@ def save_checkpoint(path, model, cfg, ds, views, best_epoch):
                                             "best_epoch": best_epoch}, cfg, ds.fingerprint)
 
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Plumbing: resuming a run from DATA/runs/<name>/last.pt
 # ----------------------------------------------------------------------------------------------------------------------
@@ -924,7 +924,7 @@ def save_resume(path: Path, state: dict, cfg, ds, device, rank: int, world: int)
         common.save_artifact(path, "resume", {**state, "rng": rngs, "world_size": world}, cfg, ds.fingerprint)
 
 
-def load_resume(path: Path, cfg, ds, device, rank: int, world: int) -> dict | None:
+def load_resume(path: Path, cfg, ds, world: int) -> dict | None:
     """The checkpoint to resume from (None when there is none yet), refused unless the same run wrote it."""
     if not path.is_file():
         log.warning(f"--resume: no {path} yet; starting from epoch 1")

@@ -162,7 +162,8 @@ def test_damaged_interactions_csv_fails_at_the_damaged_line(data):
     line = files.csv()[1][k]
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
-        err = lambda ln, *frag: assert_error(root, "interactions.csv", ln, *frag, call=lambda: load(files, root))  # noqa: E731
+        def err(ln, *frag):
+            assert_error(root, "interactions.csv", ln, *frag, call=lambda: load(files, root))
         if damage == "utf8":
             j = data.draw(st.integers(0, 2))
             pos = data.draw(st.integers(0, len(row[j])))
@@ -237,7 +238,8 @@ def test_damaged_items_jsonl_fails_at_the_damaged_line(data):
     line = files.jsonl()[1][k]
     with tempfile.TemporaryDirectory() as d, tempfile.TemporaryDirectory() as outside:
         root = Path(d)
-        err = lambda ln, *frag: assert_error(root, "items.jsonl", ln, *frag, call=lambda: load(files, root))  # noqa: E731
+        def err(ln, *frag):
+            assert_error(root, "items.jsonl", ln, *frag, call=lambda: load(files, root))
         if damage == "utf8_value":
             obj["title"] = "caf\udce9"  # Latin-1 'é' inside a UTF-8 file
             files.item_lines[k] = json.dumps(obj, ensure_ascii=False)
