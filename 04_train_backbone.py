@@ -22,7 +22,8 @@ ranking for ce, sampled-100 for bce: --select); test evaluated once at the best 
 
 Reads DATA/interactions.csv, DATA/items.jsonl and, for the fused views, DATA/fused.pt (or --fused).
 Writes DATA/runs/<name>/results.json (config, validation curve, best epoch, test metrics, groups, throughput) and
-DATA/runs/<name>/model.pt (best-epoch weights; saved each time validation improves, so a crash loses nothing).
+DATA/runs/<name>/model.pt (best-epoch weights; saved each time validation improves, so a crash loses nothing) and
+DATA/runs/<name>/last.pt (the whole run state each epoch: `--resume` continues a killed run to the same results).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import importlib
 import json
 import math
 import os
+import random
 import resource
 import signal
 import sys
@@ -169,6 +171,10 @@ class Config:
     """--recommend: allow items already in the history (excluded by default)"""
     out: str = ""
     """--recommend: write the JSON lines to this file (default stdout)"""
+    checkpoint_every: int = 1
+    """epochs between writes of DATA/runs/<name>/last.pt (model, optimiser, generators, early stopping); 0 = never"""
+    resume: bool = False
+    """continue the run from DATA/runs/<name>/last.pt (refused if config or dataset differ; no file: start afresh)"""
 
     def __post_init__(self):  # -1 = the backbone's own; resolved at once, so results.json records what the run used
         if self.backbone in DROPOUT:  # (an unknown backbone is refused with a clear message by resolve_views)
@@ -851,20 +857,35 @@ def train(cfg: Config) -> dict:
         return loss * (world / norm)
 
     # ---- training loop ----
-    # SIGINT / SIGTERM end training after the current epoch; the best weights so far are then tested and written
+    # SIGINT / SIGTERM end training after the current epoch, which is checkpointed; the best weights so far are then
+    # tested and written
     stop = {"signal": None}
 
     def on_signal(num, _frame):
         stop["signal"] = signal.Signals(num).name
-        signal.signal(num, signal.SIG_DFL)  # a second one kills at once
+        if num == signal.SIGINT:  # a second Ctrl-C kills at once; a second SIGTERM is torchrun relaying the scheduler's
+            signal.signal(num, signal.SIG_DFL)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     sel = SELECT[cfg.select]  # the validation protocol that picks the epoch
     curve, best, best_epoch, best_state, bad = [], -1.0, 0, None, 0
-    train_s, seqs_seen = 0.0, 0
+    train_s, seqs_seen, resumed, start, stopped_by = 0.0, 0, [], 1, None
     out_dir.mkdir(parents=True, exist_ok=True)
-    for epoch in range(1, cfg.epochs + 1):
+    last = out_dir / "last.pt"
+    ck = load_resume(last, cfg, ds, world) if cfg.resume else None
+    if ck is not None:  # the epochs' own streams come from (seed, epoch): the state below is all a resumed run needs
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        curve, best_state, train_s, seqs_seen = ck["curve"], ck["best_state"], ck["train_seconds"], ck["sequences_seen"]
+        best, best_epoch, bad = ck["best"], ck["best_epoch"], ck["bad"]
+        start, resumed = ck["epoch"] + 1, ck["resumed_after"] + [ck["epoch"]]
+        set_rng_state(ck["rng"][rank], device)
+        log.info(f"resumed {last} after epoch {ck['epoch']} (best {best:.4f} @ {best_epoch})")
+    if rank == 0:  # the leftovers of a write killed half-way
+        for tmp in out_dir.glob(".last.pt.tmp*"):
+            tmp.unlink(missing_ok=True)
+    for epoch in range(start, cfg.epochs + 1 if bad < cfg.patience else start):
         rng = np.random.default_rng([cfg.seed, epoch])  # the same stream on every rank: same global batches
         t0, c0 = time.perf_counter(), time.process_time()
         ddp.train()
@@ -931,11 +952,24 @@ def train(cfg: Config) -> dict:
         else:
             log.info(f"epoch {epoch:3d} loss {row['loss']:.4f} | {row['seq_per_s']:.0f} seq/s, train {dt:.1f}s")
         curve.append(row)
+        stopping = stop["signal"]
+        if world > 1:  # a signal may reach the ranks in different epochs: all stop after the same one. (Decided from
+            # the reduced value alone: a handler that runs while this rank waits in all_reduce counts next epoch.)
+            sig = torch.tensor([signal.Signals[stopping].value if stopping else 0], device=device)
+            dist.all_reduce(sig, op=dist.ReduceOp.MAX)
+            stopping = signal.Signals(int(sig)).name if int(sig) else None
+        if cfg.checkpoint_every > 0 and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs or bad >= cfg.patience
+                                         or stopping):
+            save_resume(last, {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                               "best": best, "best_epoch": best_epoch, "bad": bad, "best_state": best_state,
+                               "curve": curve, "train_seconds": train_s, "sequences_seen": seqs_seen,
+                               "resumed_after": resumed}, cfg, ds, device, rank, world)
         if bad >= cfg.patience:
             log.info(f"no validation improvement in {cfg.patience} evaluations: stopping")
             break
-        if stop["signal"] and best_state is not None:
-            log.warning(f"{stop['signal']}: stopping after epoch {epoch}; testing the best epoch so far")
+        if stopping and best_state is not None:
+            log.warning(f"{stopping}: stopping after epoch {epoch}; testing the best epoch so far")
+            stopped_by = stopping
             break
 
     # ---- test, once, with the best-epoch weights ----
@@ -958,7 +992,8 @@ def train(cfg: Config) -> dict:
                                    "to the validation target)",
                      "selection": f"early stopping and best epoch on validation NDCG@10 ({sel}); "
                                   "test evaluated once"},
-        "world_size": world, "epochs_run": len(curve), "best_epoch": best_epoch, "interrupted_by": stop["signal"],
+        "world_size": world, "epochs_run": len(curve), "best_epoch": best_epoch, "interrupted_by": stopped_by,
+        "resumed_after_epochs": resumed,
         "valid": next(r["valid"] for r in curve if r["epoch"] == best_epoch), "test": test,
         "content_match": content, "curve": curve,
         "train_seconds": train_s, "sequences_per_second": seqs_seen / max(train_s, 1e-9),
@@ -1034,6 +1069,63 @@ def save_checkpoint(path, model, cfg, ds, views, best_epoch):
     common.save_artifact(path, "backbone", {"state_dict": model.state_dict(), "views": views,
                                             "n_items": ds.n_items, "item_ids": ds.item_ids,
                                             "best_epoch": best_epoch}, cfg, ds.fingerprint)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Plumbing: resuming a run from DATA/runs/<name>/last.pt
+# ----------------------------------------------------------------------------------------------------------------------
+
+RESUME_FREE = ("data", "resume", "threads", "checkpoint_every")  # flags that change nothing a run computes
+
+
+def rng_state(device) -> dict:
+    """The generators a run draws from across epochs (dropout: torch; numpy and Python for code that uses them).
+    Batch order, cloze masks and bce negatives need none: each epoch derives its own stream from (seed, epoch)."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict, device) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_resume(path: Path, state: dict, cfg, ds, device, rank: int, world: int) -> None:
+    """Rank 0 writes the run's state and every rank's generators (dropout draws differ per rank) atomically: a kill
+    mid-write leaves the previous last.pt whole."""
+    rngs = [rng_state(device)]
+    if world > 1:
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng_state(device))
+    if rank == 0:
+        common.save_artifact(path, "resume", {**state, "rng": rngs, "world_size": world}, cfg, ds.fingerprint)
+
+
+def load_resume(path: Path, cfg, ds, world: int) -> dict | None:
+    """The checkpoint to resume from (None when there is none yet), refused unless the same run wrote it."""
+    if not path.is_file():
+        log.warning(f"--resume: no {path} yet; starting from epoch 1")
+        return None
+    try:
+        ck = common.load_artifact(path, "resume", map_location="cpu")
+    except Exception as e:  # torch.load of a foreign or truncated file raises many types
+        raise SystemExit(f"--resume: {path} cannot be read ({type(e).__name__}: {e}); remove it to start afresh")
+    if ck["fingerprint"] != ds.fingerprint:
+        raise SystemExit(f"--resume: {path} was written for another dataset (fingerprint {ck['fingerprint']}, "
+                         f"{cfg.data} is {ds.fingerprint}); run without --resume or with another --name")
+    now = asdict(cfg)
+    diff = [f"--{k.replace('_', '-')} {ck['config'].get(k)!r} there, {v!r} now" for k, v in now.items()
+            if k not in RESUME_FREE and ck["config"].get(k) != v]
+    if diff:
+        raise SystemExit(f"--resume: {path} was written with another config ({'; '.join(diff)}); resume with the "
+                         f"same flags, or run without --resume or with another --name")
+    if ck["world_size"] != world:
+        raise SystemExit(f"--resume: {path} was written by {ck['world_size']} rank(s), this run has {world}; the "
+                         f"batches split the same way only with the same number")
+    return ck
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -6,19 +6,22 @@ from __future__ import annotations
 
 import argparse
 import ast
+import codecs
 import csv
 import dataclasses
 import hashlib
 import inspect
 import json
 import logging
+import math
 import os
 import random
+import re
 import sys
 import textwrap
 import typing
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -164,8 +167,11 @@ class Dataset:
 def _open_image_ok(path: Path) -> str | None:
     """None when the image opens and decodes its header, else the reason."""
     from PIL import Image
-    if not path.is_file():
-        return "missing"
+    try:
+        if not path.is_file():
+            return "missing"
+    except OSError as e:  # e.g. a name too long for the file system: no such image either
+        return f"missing ({e.strerror})"
     try:
         with Image.open(path) as im:
             im.verify()
@@ -174,11 +180,137 @@ def _open_image_ok(path: Path) -> str | None:
         return f"unreadable ({type(e).__name__})"
 
 
+# A timestamp is an ASCII integer, an ASCII decimal or an ISO date. float() alone would also take '1_000', '١٢٣' and
+# 'nan', and would tie distinct integers above 2**53 (nanosecond clocks), silently reordering a user's items.
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_INT = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+# items.jsonl fields the stages read, and the JSON types each may take (null = absent; bool is never a number here)
+_SURROGATE_SOURCE = re.compile(rb"\\u[dD][89a-fA-F]")
+ITEM_FIELD_TYPES = {"item_id": (str, int), "title": (str,), "brand": (str,), "description": (str,),
+                    "categories": (str, list), "price": (str, int, float), "image": (str,)}
+
+
+def _show(value, n: int = 80) -> str:
+    """repr of a value for an error message, cut so that a megabyte-long field does not become the message."""
+    r = repr(value)
+    return r if len(r) <= n else r[:n] + f"... ({len(r)} characters in all)"
+
+
+def _timestamp(ts: str) -> tuple[str, float, int]:
+    """Kind ('number' or 'date') and sort key (value, exact integer remainder) of a timestamp field; ValueError saying
+    why it is not one. Integers and dates (in microseconds) order exactly; decimals at double precision."""
+    s = ts.strip()
+    if _INT.fullmatch(s):
+        v = int(s) if len(s) < 25 else 2 ** 63  # (int() refuses thousands of digits with its own error)
+        if abs(v) >= 2 ** 63:
+            raise ValueError("is out of range (a timestamp must be below 2**63 in magnitude)")
+        hi = float(v)
+        return "number", hi, v - int(hi)  # float rounding is monotone, so (hi, remainder) orders integers exactly
+    if _DECIMAL.fullmatch(s):
+        v = float(s)
+        if not math.isfinite(v):
+            raise ValueError("is not a finite number")
+        return "number", v, 0
+    try:
+        d = datetime.fromisoformat(s)
+    except ValueError:
+        try:
+            finite = math.isfinite(float(s))
+        except ValueError:
+            finite = True
+        raise ValueError("is neither a number nor an ISO date" if finite else "is not a finite number") from None
+    # a date without a time zone is read as UTC: local time would tie or invert the times around a DST change
+    us = ((d if d.tzinfo else d.replace(tzinfo=timezone.utc)) - _EPOCH) // timedelta(microseconds=1)
+    hi = float(us)
+    return "date", hi, us - int(hi)
+
+
+def _undecodable(s: str) -> int:
+    """Index of the first character that is no Unicode text, or -1: a byte that was not valid UTF-8 (which
+    'surrogateescape' keeps as a lone surrogate) or a lone surrogate written as a JSON escape."""
+    try:
+        s.encode("utf-8")
+        return -1
+    except UnicodeEncodeError as e:
+        return e.start
+
+
+def _bad_field(obj, name: str = "") -> str | None:
+    """The name of the first field of a parsed JSON value that holds bytes that were not valid UTF-8."""
+    if isinstance(obj, str):
+        return name if _undecodable(obj) >= 0 else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        if isinstance(k, str) and _undecodable(k) >= 0:
+            return str(k)
+        bad = _bad_field(v, name or str(k))
+        if bad is not None:
+            return bad
+    return None
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs):
+    """json object hook: a repeated key would silently keep only its last value."""
+    obj = {}
+    for k, v in pairs:
+        if k in obj:
+            raise _DuplicateKey(k)
+        obj[k] = v
+    return obj
+
+
+def _parse_item(line: bytes, where: str) -> dict:
+    """One items.jsonl line -> its object, or DatasetError naming the field at fault."""
+    text = line.decode("utf-8", errors="surrogateescape")
+    try:
+        obj = json.loads(text, object_pairs_hook=_unique_keys)
+        # only a line with undecodable bytes or a \uDxxx escape can hold a lone surrogate: skip the walk otherwise
+        bad = _bad_field(obj) if _SURROGATE_SOURCE.search(line) or _undecodable(text) >= 0 else None
+    except _DuplicateKey as e:
+        raise DatasetError(f"{where}: field {_show(e.args[0])}: appears twice in the object") from None
+    except json.JSONDecodeError as e:
+        bad = _undecodable(text)
+        if bad >= 0:
+            raise DatasetError(f"{where}: not valid UTF-8 (byte 0x{ord(text[bad]) - 0xdc00:02x} at column "
+                               f"{bad + 1})") from None
+        raise DatasetError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # an integer of thousands of digits; nesting deeper than Python's stack
+        raise DatasetError(f"{where}: not valid JSON here ({type(e).__name__}: {str(e)[:80]})") from None
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if bad is not None:
+        raise DatasetError(f"{where}: field {_show(bad)}: not valid UTF-8 text (an undecodable byte or a lone "
+                           f"surrogate)")
+    for k, types in ITEM_FIELD_TYPES.items():
+        v = obj.get(k)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, types) or isinstance(v, float) and not math.isfinite(v) \
+                or isinstance(v, list) and not all(isinstance(x, str) for x in v):
+            want = " or ".join({"str": "a string", "int": "an integer", "float": "a number",
+                                "list": "a list of strings"}[t.__name__] for t in types)
+            raise DatasetError(f"{where}: field {k!r}: expected {want} (or null), got {_show(v)}")
+    iid = obj.get("item_id")
+    if iid in (None, ""):
+        raise DatasetError(f"{where}: field 'item_id' is missing or empty")
+    if isinstance(iid, str) and iid != iid.strip():
+        raise DatasetError(f"{where}: field 'item_id': {_show(iid)} has leading or trailing whitespace")
+    return obj
+
+
 def load_dataset(root: str | Path, check_images: bool = True) -> Dataset:
     """Load a canonical dataset directory into id maps, chronological sequences and image paths.
 
-    Raises DatasetError naming file, line and field for malformed rows, duplicate item ids and unknown item ids.
-    Missing or unreadable images are counted and reported (the item keeps its text); items without text are counted.
+    Every damaged input ends in one DatasetError naming file, line and field (the README lists the damage covered):
+    undecodable UTF-8, malformed rows or JSON, wrong field types, bad timestamps, duplicate or unknown item ids, ids
+    with surrounding whitespace, an image path that leaves the dataset directory. A BOM and CRLF line ends are read as
+    what they are. Missing or unreadable images are counted and reported (the item keeps its text); items without
+    text are counted. Ids are case-sensitive: 'A' and 'a' are two items.
     """
     root = Path(root)
     items_path, inter_path = root / "items.jsonl", root / "interactions.csv"
@@ -187,80 +319,98 @@ def load_dataset(root: str | Path, check_images: bool = True) -> Dataset:
             raise DatasetError(f"{p}: file not found (a dataset directory needs items.jsonl and interactions.csv; "
                                f"build one with `python data/prepare.py ...`)")
 
-    # --- items.jsonl ---
+    # --- items.jsonl: split at b"\n" only (U+2028 inside a JSON string is no line end) ---
     item_ids: list[str] = []
     items: list[dict] = []
+    item_lines: list[int] = []
     index: dict[str, int] = {}
-    with open(items_path, encoding="utf-8") as f:
+    with open(items_path, "rb") as f:
         for lineno, line in enumerate(f, 1):
+            if lineno == 1 and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8):]
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{items_path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DatasetError(f"{items_path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            if obj.get("item_id") in (None, ""):
-                raise DatasetError(f"{items_path}:{lineno}: field 'item_id' is missing or empty")
+            obj = _parse_item(line, f"{items_path}:{lineno}")
             iid = str(obj["item_id"])
             if iid in index:
-                raise DatasetError(f"{items_path}:{lineno}: field 'item_id': duplicate item id {iid!r} "
-                                   f"(first defined on line {items[index[iid] - 1]['_line']})")
-            obj["_line"] = lineno
+                raise DatasetError(f"{items_path}:{lineno}: field 'item_id': duplicate item id {_show(iid)} "
+                                   f"(first defined on line {item_lines[index[iid] - 1]})")
             index[iid] = len(item_ids) + 1
             item_ids.append(iid)
             items.append(obj)
+            item_lines.append(lineno)
+    if not items:
+        raise DatasetError(f"{items_path}:1: no items (the file is empty)")
 
     # --- interactions.csv ---
     users: dict[str, int] = {}
-    u_col, i_col, t_col = [], [], []
+    u_col, i_col, t_col, t_rem = [], [], [], []
     unknown, first_unknown = 0, None
-    with open(inter_path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:3]] != ["user_id", "item_id", "timestamp"]:
-            raise DatasetError(f"{inter_path}:1: header must be 'user_id,item_id,timestamp', got {header!r}")
-        for row in reader:
-            lineno = reader.line_num
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise DatasetError(f"{inter_path}:{lineno}: expected {len(header)} fields "
-                                   f"(user_id,item_id,timestamp), got {len(row)}: {row!r}")
-            uid, iid, ts = row[0], row[1], row[2]
-            if uid == "":
-                raise DatasetError(f"{inter_path}:{lineno}: field 'user_id' is empty")
-            try:
-                t = float(ts)
-            except ValueError:
+    first_kind = None  # (kind, line) of the first timestamp: numbers and dates do not mix (no common unit)
+    # strict: an unclosed quote or text after a closing quote is an error, not a field silently glued to the next rows
+    with open(inter_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        reader = csv.reader(f, strict=True)
+        rows = iter(reader)
+        lineno = 1
+        try:
+            header = next(rows, None)
+            if header is None or [h.strip() for h in header[:3]] != ["user_id", "item_id", "timestamp"]:
+                raise DatasetError(f"{inter_path}:1: header must be 'user_id,item_id,timestamp', got "
+                                   f"{'an empty file' if header is None else _show(','.join(header))}")
+            names = [h.strip() for h in header]
+            while True:
+                lineno = reader.line_num + 1  # where the row starts (a quoted field may span lines)
+                row = next(rows, None)
+                if row is None:
+                    break
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    what = (f"field {names[len(row)]!r} is missing" if len(row) < len(header)
+                            else f"extra field after {names[-1]!r}")
+                    raise DatasetError(f"{inter_path}:{lineno}: {what}: expected {len(header)} fields "
+                                       f"({','.join(names)}), got {len(row)}: {_show(row, 200)}")
+                for name, v in zip(names, row):
+                    if not v.isascii() and _undecodable(v) >= 0:
+                        raise DatasetError(f"{inter_path}:{lineno}: field {name!r}: not valid UTF-8: {_show(v)}")
+                uid, iid, ts = row[0], row[1], row[2]
+                if uid == "":
+                    raise DatasetError(f"{inter_path}:{lineno}: field 'user_id' is empty")
+                if uid != uid.strip():
+                    raise DatasetError(f"{inter_path}:{lineno}: field 'user_id': {_show(uid)} has leading or "
+                                       f"trailing whitespace")
                 try:
-                    t = datetime.fromisoformat(ts).timestamp()
-                except ValueError:
-                    raise DatasetError(f"{inter_path}:{lineno}: field 'timestamp': {ts!r} is neither a number "
-                                       f"nor an ISO date") from None
-            if not np.isfinite(t):  # float() accepts 'nan' and 'inf', which would scramble the chronological order
-                raise DatasetError(f"{inter_path}:{lineno}: field 'timestamp': {ts!r} is not a finite number")
-            j = index.get(iid)
-            if j is None:
-                unknown += 1
-                first_unknown = first_unknown or (lineno, iid)
-                continue
-            u_col.append(users.setdefault(uid, len(users)))
-            i_col.append(j)
-            t_col.append(t)
+                    kind, t, rem = _timestamp(ts)
+                except ValueError as e:
+                    raise DatasetError(f"{inter_path}:{lineno}: field 'timestamp': {_show(ts)} {e}") from None
+                first_kind = first_kind or (kind, lineno)
+                if kind != first_kind[0]:
+                    raise DatasetError(f"{inter_path}:{lineno}: field 'timestamp': {_show(ts)} is a {kind} but line "
+                                       f"{first_kind[1]} holds a {first_kind[0]}; one file takes one kind")
+                j = index.get(iid)
+                if j is None:
+                    unknown += 1
+                    first_unknown = first_unknown or (lineno, iid)
+                    continue
+                u_col.append(users.setdefault(uid, len(users)))
+                i_col.append(j)
+                t_col.append(t)
+                t_rem.append(rem)
+        except csv.Error as e:
+            raise DatasetError(f"{inter_path}:{lineno}: not valid CSV in the row that starts here ({e})") from None
     if unknown:
         ln, iid = first_unknown
-        raise DatasetError(f"{inter_path}:{ln}: field 'item_id': unknown item id {iid!r} (not in items.jsonl); "
-                           f"{unknown} row(s) in all reference unknown items")
+        hint = " (it has leading or trailing whitespace)" if iid != iid.strip() else ""
+        raise DatasetError(f"{inter_path}:{ln}: field 'item_id': unknown item id {_show(iid)}{hint} (not in "
+                           f"items.jsonl); {unknown} row(s) in all reference unknown items")
     if not u_col:
-        raise DatasetError(f"{inter_path}: no interactions")
+        raise DatasetError(f"{inter_path}:2: no interactions (the file has a header only)")
 
     u = np.asarray(u_col, dtype=np.int64)
     it = np.asarray(i_col, dtype=np.int64)
     t = np.asarray(t_col, dtype=np.float64)
     # chronological per user; ties keep file order (lexsort is stable and the last key is the primary one)
-    order = np.lexsort((np.arange(len(u)), t, u))
+    order = np.lexsort((np.arange(len(u)), np.asarray(t_rem, dtype=np.int64), t, u))
     u, it = u[order], it[order]
     bounds = np.flatnonzero(np.diff(u)) + 1
     seqs = np.split(it, bounds)
@@ -269,20 +419,37 @@ def load_dataset(root: str | Path, check_images: bool = True) -> Dataset:
     images: list[Path | None] = []
     img_problems: dict[str, int] = {}
     first_img_problem = None
-    for meta in items:
+    inside = root.resolve()
+    for meta, lineno in zip(items, item_lines):
         rel = meta.get("image")
         if not rel:
             images.append(None)
             continue
         p = root / rel
-        why = _open_image_ok(p) if check_images else (None if p.is_file() else "missing")
+        # an image is read and, with an endpoint MLLM, sent over the network: a path out of the directory (absolute,
+        # '..', or a symlink) would hand out any file the user can read
+        try:
+            real = p.resolve()
+        except (OSError, RuntimeError, ValueError) as e:  # NUL in the name, a symlink loop
+            raise DatasetError(f"{items_path}:{lineno}: field 'image': {_show(rel)} is not a usable path "
+                               f"({e})") from None
+        if not real.is_relative_to(inside):
+            raise DatasetError(f"{items_path}:{lineno}: field 'image': {_show(rel)} leads outside the dataset "
+                               f"directory (to {real}); copy the image into {root}")
+        if check_images:
+            why = _open_image_ok(p)
+        else:
+            try:
+                why = None if p.is_file() else "missing"
+            except OSError as e:
+                why = f"missing ({e.strerror})"
         if why is None:
             images.append(p)
         else:
             images.append(None)
             kind = why.split(" ")[0]
             img_problems[kind] = img_problems.get(kind, 0) + 1
-            first_img_problem = first_img_problem or f"{items_path}:{meta['_line']}: field 'image': {rel!r} {why}"
+            first_img_problem = first_img_problem or f"{items_path}:{lineno}: field 'image': {_show(rel)} {why}"
     no_text = sum(1 for m in items if not item_text(m))
 
     report = {

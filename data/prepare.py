@@ -489,9 +489,11 @@ def build_movielens(a) -> dict:
         dst = out / "images" / f"{s}.jpg"
         if dst.is_symlink() or dst.exists():
             dst.unlink()
-        if a.symlink:
-            dst.symlink_to((src / "posters" / f"{s}.jpg").resolve())
-        else:
+        try:  # a hard link stays inside the dataset directory; a symlink out of it is refused by the loader
+            if not a.link:
+                raise OSError
+            os.link(src / "posters" / f"{s}.jpg", dst)
+        except OSError:  # (another file system, or no --link)
             shutil.copyfile(src / "posters" / f"{s}.jpg", dst)
         it["image"] = f"images/{s}.jpg"
         new_index[k] = len(items)
@@ -868,7 +870,8 @@ def parse_args(argv=None):
     s.add_argument("--top-items", type=int, default=0, help="keep the N most-rated movies with a poster (0 = all)")
     s.add_argument("--kcore", type=int, default=5, help="iterative k-core on users and items after the filter")
     s.add_argument("--tags", type=int, default=5, help="how many of the most frequent user tags go into the text")
-    s.add_argument("--symlink", action="store_true", help="symlink posters into images/ instead of copying them")
+    s.add_argument("--link", action="store_true", help="hard-link posters into images/ instead of copying them "
+                   "(copies across file systems)")
     s = add("amazon2023", "raw Amazon Reviews 2023 review + metadata JSONL(.gz)", "amazon")
     s.add_argument("--category", default="All_Beauty", help="with --src: reads CATEGORY.jsonl(.gz), meta_CATEGORY...")
     s.add_argument("--reviews", default=None, help="review JSONL(.gz) file (overrides --src/--category)")
