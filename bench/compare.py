@@ -64,6 +64,12 @@ def table(data: str, names: list[str], protocol: str = "full") -> str:
             + (" +finetune" if d["finetune"] else "") + ("" if d["id_emb"] else " no-ID")
         rows.append("| " + " | ".join([name, str(d["backbone"]), views, protocol, str(d["loss"]), str(d["seed"]),
                                        *(fmt(m.get(k)) for k in METRICS), fmt(tail.get("NDCG@10"))]) + " |")
+        cm = with_content_match(res)
+        if cm:  # the same model with the inference-time content-match term (gamma chosen on validation)
+            m, tail = metrics(cm, protocol), metrics(cm, protocol, "tail_items")
+            rows.append("| " + " | ".join([f"{name} + content match (gamma {res['content_match']['gamma']:g})",
+                                           str(d["backbone"]), views, protocol, str(d["loss"]), str(d["seed"]),
+                                           *(fmt(m.get(k)) for k in METRICS), fmt(tail.get("NDCG@10"))]) + " |")
     return "\n".join(rows)
 
 

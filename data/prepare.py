@@ -283,6 +283,11 @@ def build_synthetic(a) -> dict:
         sel = attrs["price"] == k
         price[sel] = rng.uniform(lo, hi, size=sel.sum())
     model_no = rng.integers(100, 1000, size=n)
+    # new arrivals: the last --new-items of the catalogue is released at the end of the log, so users meet these items
+    # only in their final two steps (the validation and test targets) and no training interaction holds one: IDs
+    # cannot learn them, their content is all there is to go on (cold-start items, the sparsity DMESR is for)
+    new = np.zeros(n, dtype=bool)
+    new[rng.permutation(n)[:int(round(a.new_items * n))]] = True
 
     # ---- users: latent tastes over image-only and text-only attributes, then sequences step by step ----
     # Each step: a category from a Markov chain (stay / next category / back to the favourite), CANDIDATES items of it,
@@ -312,6 +317,7 @@ def build_synthetic(a) -> dict:
             match = sum((attrs[k][cand] == taste[k][ix, None]) for k in TASTES)
             gumbel = -np.log(-np.log(rng.random(cand.shape, dtype=np.float32) + np.float32(1e-12)))
             score = log_w[cand] + np.float32(a.taste) * match + gumbel
+            score[new[cand] & (t < lengths[ix, None] - 2)] = -np.inf  # not released yet
             for _ in range(4):  # users rarely buy the same product twice: take the best candidate not yet bought
                 item = cand[np.arange(len(ix)), score.argmax(1)]
                 rep = np.flatnonzero((hist[ix, :t] == item[:, None]).any(1)) if t else np.zeros(0, dtype=np.int64)
@@ -321,6 +327,7 @@ def build_synthetic(a) -> dict:
             if t > 0:
                 nxt = companion[hist[ix, t - 1]]
                 follow = (rng.random(len(ix)) < a.companion) & ~(hist[ix, :t] == nxt[:, None]).any(1)
+                follow &= ~new[nxt] | (t >= lengths[ix] - 2)
                 item = np.where(follow, nxt, item)
             hist[ix, t] = item
 
@@ -861,6 +868,8 @@ def parse_args(argv=None):
     s.add_argument("--zipf", type=float, default=1.2, help="exponent of the Zipf-like item popularity")
     s.add_argument("--taste", type=float, default=3.0, help="strength of the latent tastes (0 = popularity only)")
     s.add_argument("--companion", type=float, default=0.1, help="chance the next item is the previous one's companion")
+    s.add_argument("--new-items", type=float, default=0.0, help="fraction of the catalogue released last: met only "
+                   "as validation / test targets, never in training (cold-start items)")
     s.add_argument("--image-size", type=int, default=128, help="side of the rendered product photos in pixels")
     s.add_argument("--no-images", action="store_true", help="skip rendering (for very large benchmark catalogues)")
     s.add_argument("--seed", type=int, default=0, help="everything is a deterministic function of this seed")
