@@ -95,6 +95,8 @@ class Config:
     """scale item i's ID part by pop_i / (pop_i + k), pop = training interactions, k = this; 0 = off"""
     id_free: str = ""
     """comma-separated views whose item vector is content only, no ID part (e.g. B)"""
+    train_items: str = "all"
+    """items the training loss ranks: all | seen (only items with a training interaction: a new arrival is never a positive, and as every step's negative it would only learn to stay unseen)"""
     content_grid: str = "0,0.5,1,2,3,4,6,8,12,16,24,32"
     """inference-time content match: gammas tried on validation for score + gamma * cos(text, last item's text); empty = off"""
     hidden: int = 64
@@ -729,6 +731,8 @@ def resolve_views(cfg: Config) -> tuple[list[str], Path | None, str]:
         raise SystemExit(f"--loss {cfg.loss!r}: expected ce or bce")
     if cfg.select not in ("full", "sampled"):
         raise SystemExit(f"--select {cfg.select!r}: expected auto, full or sampled")
+    if cfg.train_items not in ("all", "seen"):
+        raise SystemExit(f"--train-items {cfg.train_items!r}: expected all or seen")
     if cfg.semantic not in ("fused", "raw", "both") or cfg.id_init not in ("random", "pca"):
         raise SystemExit(f"--semantic {cfg.semantic!r} / --id-init {cfg.id_init!r}: expected fused|raw|both / "
                          "random|pca")
@@ -823,6 +827,16 @@ def train(cfg: Config) -> dict:
     # ---- model and optimiser ----
     pop = np.bincount(np.concatenate(train_seqs), minlength=N + 1)[1:]  # training interactions only
     model = Recommender(cfg, N, views, fused, sem, pop).to(device)
+    # the items the loss ranks (1-based ids) and, for ce, each id's row in that smaller table; None = every item
+    scored = np.flatnonzero(pop > 0) + 1 if cfg.train_items == "seen" and (pop == 0).any() else None
+    if scored is not None:
+        row_of = torch.zeros(N + 1, dtype=torch.long, device=device)
+        row_of[torch.from_numpy(scored).to(device)] = torch.arange(1, len(scored) + 1, device=device)
+        log.info(f"--train-items seen: the loss ranks the {len(scored)} items seen in training ({N - len(scored)} "
+                 "never seen there are still ranked in evaluation)")
+
+    def draw(rng, size):  # uniform negatives among the items the loss ranks
+        return rng.integers(1, N + 1, size=size) if scored is None else scored[rng.integers(0, len(scored), size=size)]
     ddp = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
@@ -850,7 +864,10 @@ def train(cfg: Config) -> dict:
             h, vecs = h.float(), (vecs.float() if vecs is not None else None)
         h, t = h[pos], tgt[pos]  # only non-padding (or masked) positions reach the output layer
         if cfg.loss == "ce":
-            loss = ce_loss_sum(h, model.table(vecs), t, cfg.ce_chunk)
+            table = model.table(vecs)
+            if scored is not None:
+                table, t = table[torch.from_numpy(scored - 1).to(device)], row_of[t]
+            loss = ce_loss_sum(h, table, t, cfg.ce_chunk)
         else:
             neg = torch.from_numpy(negatives[rows][:, -Lb:]).to(device)[pos]
             loss = bce_loss_sum(h, model, t, neg, vecs)
@@ -896,12 +913,12 @@ def train(cfg: Config) -> dict:
             cloze = (rng.random(tr.shape) < cfg.mask_prob) & valid_pos
             cloze[~cloze.any(1), -1] = True  # at least one prediction per sequence: the last item
         if cfg.loss == "bce":
-            negatives = rng.integers(1, N + 1, size=(len(tr), width))
+            negatives = draw(rng, (len(tr), width))
             for _ in range(10):  # resample the few draws that hit one of the user's own items
                 hit = membership(tr_users, negatives, keys, N) & valid_pos
                 if not hit.any():
                     break
-                negatives[hit] = rng.integers(1, N + 1, size=int(hit.sum()))
+                negatives[hit] = draw(rng, int(hit.sum()))
         batches = batch_order(tr_len, cfg.batch_size, rng, cfg.bucket)
         # One constant divisor per epoch, not each batch's own position count: bucketed batches hold similar lengths,
         # so a per-batch mean would weight a position in a batch of short histories up to 10x more than one in a batch
