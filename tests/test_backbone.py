@@ -487,3 +487,31 @@ def test_semantic_sources_fused_raw_and_both():
     assert torch.allclose(tables["raw"]["B"], unit(sem["text_pooled"]))
     assert torch.allclose(tables["fused"]["B"], unit(fused["h_B"]))
     assert torch.allclose(tables["both"]["B"], unit(torch.cat([fused["h_B"], sem["text_pooled"]], 1)))
+
+
+@pytest.mark.parametrize("train_items,loss", [("seen", "ce"), ("all", "ce"), ("seen", "bce")])
+def test_train_items_seen_leaves_never_trained_items_out_of_the_loss(tiny_dataset, train_items, loss):
+    """An item whose only interactions are validation / test targets is never a positive in training; with
+    --train-items seen it is never a negative either, so its ID row keeps its initial value (Adam moves any row that
+    gets a gradient)."""
+    ds = common.load_dataset(tiny_dataset)
+    train_seqs, _ = ds.split()
+    pop = np.bincount(np.concatenate(train_seqs), minlength=ds.n_items + 1)[1:]
+    if not (pop == 0).any():  # make one: the last item of one user becomes an item no one else has
+        from conftest import write_dataset
+        seqs = _read_seqs(tiny_dataset)
+        u = next(iter(seqs))
+        seqs[u] = seqs[u][:-1] + ["fresh"]
+        items = [json.loads(line) for line in open(tiny_dataset / "items.jsonl")] + [{"item_id": "fresh",
+                                                                                       "title": "new arrival"}]
+        write_dataset(tiny_dataset, seqs, items)
+        ds = common.load_dataset(tiny_dataset)
+        pop = np.bincount(np.concatenate(ds.split()[0]), minlength=ds.n_items + 1)[1:]
+    cold = int(np.flatnonzero(pop == 0)[0]) + 1
+    cfg = stage4.Config(data=str(tiny_dataset), views="id", loss=loss, hidden=8, epochs=2, batch_size=16, threads=1,
+                        train_items=train_items, patience=5, name=f"ti_{train_items}_{loss}")
+    stage4.train(cfg)
+    common.seed_everything(cfg.seed)
+    start = stage4.Recommender(cfg, ds.n_items, ["id"], None).items.emb.weight[cold]
+    trained = common.load_artifact(tiny_dataset / "runs" / cfg.name / "model.pt", "backbone")["state_dict"]
+    assert torch.equal(trained["items.emb.weight"][cold], start) == (train_items == "seen")

@@ -425,3 +425,14 @@ def test_real_movielens_top300(tmp_path):
     ds = load_dataset(tmp_path / "ml300")
     assert counts_of(ds) == counts and ds.report["images_unreadable"] == 0
     assert min(len(s) for s in ds.seqs) >= 5
+
+
+def test_synthetic_new_items_are_met_only_as_validation_or_test_targets(tmp_path):
+    d = tmp_path / "n"
+    prep("synthetic", "--out", d, "--items", "60", "--users", "300", "--new-items", "0.25", "--no-images")
+    ds = load_dataset(d)
+    train_seqs, users = ds.split()
+    in_train = set(np.concatenate(train_seqs).tolist())
+    never = set(range(1, ds.n_items + 1)) - in_train
+    late = {int(ds.seqs[u][k]) for u in users for k in (-1, -2)}
+    assert len(never) == 15 and never <= late  # a quarter of the catalogue, all met at the last two steps only
