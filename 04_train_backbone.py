@@ -87,13 +87,13 @@ class Config:
     """content behind the views: fused (stage 3's h_A, h_B) | raw (stage 1's frozen vectors: A = the MLLM views, B = the original text) | both (concatenated)"""
     semantics: str = ""
     """stage-1 artifact for --semantic raw and the content-match term (default DATA/semantics.pt)"""
-    whiten: bool = False
+    whiten: bool = True
     """centre and whiten each frozen semantic table (PCA over the catalogue's content) before its adapter"""
-    id_init: str = "random"
+    id_init: str = "pca"
     """random | pca: each view's ID table starts from the centred PCA of that view's semantic table (LLM-ESR)"""
     id_gate: float = 0.0
     """scale item i's ID part by pop_i / (pop_i + k), pop = training interactions, k = this; 0 = off"""
-    id_free: str = ""
+    id_free: str = "B"
     """comma-separated views whose item vector is content only, no ID part (e.g. B)"""
     train_items: str = "all"
     """items the training loss ranks: all | seen (only items with a training interaction: a new arrival is never a positive, and as every step's negative it would only learn to stay unseen)"""
@@ -411,7 +411,7 @@ class ItemEncoder(nn.Module):
         free = {v.strip() for v in cfg.id_free.split(",") if v.strip()}
         with_id = [v == "id" or (cfg.id_emb and v not in free) for v in views]
         self.emb = nn.Embedding(n_items + 2, V * d, padding_idx=0) if any(with_id) else None
-        tables = semantic_tables(cfg, views, fused, sem) if views != ["id"] and not cfg.finetune_fusion else None
+        tables = semantic_tables(cfg, views, fused, sem) if views != ["id"] else None  # fine-tuned: for the PCA start
         if self.emb is not None:
             nn.init.normal_(self.emb.weight, std=scale / math.sqrt(d))
             with torch.no_grad():
@@ -430,7 +430,7 @@ class ItemEncoder(nn.Module):
         self.register_buffer("id_scale", None if bool((gate == 1).all()) else gate, persistent=False)
         self.fusion = None
         if views != ["id"]:
-            widths = [(fused["h_" + v] if tables is None else tables[v]).shape[1] for v in views]
+            widths = [(fused["h_" + v] if cfg.finetune_fusion else tables[v]).shape[1] for v in views]
             self.adapters = nn.ModuleList(nn.Linear(w, d) for w in widths)
             if cfg.finetune_fusion:
                 self.fusion = load_fusion_module(fused)
@@ -740,7 +740,8 @@ def resolve_views(cfg: Config) -> tuple[list[str], Path | None, str]:
     if bad:
         raise SystemExit(f"--id-free {cfg.id_free!r}: expected a comma-separated subset of A, B")
     if cfg.finetune_fusion and (cfg.semantic != "fused" or cfg.whiten):
-        raise SystemExit("--finetune-fusion trains stage 3's module: it goes with --semantic fused and --no-whiten")
+        raise SystemExit("--finetune-fusion trains stage 3's module, whose outputs change as it trains: it goes "
+                         "with --semantic fused and --no-whiten (whitening is fitted once, on frozen tables)")
     if cfg.hidden % cfg.heads:
         raise SystemExit(f"--hidden {cfg.hidden} must be divisible by --heads {cfg.heads}")
     return views, (fused_path if views != ["id"] else None), mode

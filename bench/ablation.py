@@ -51,6 +51,8 @@ VARIANTS = [
                                                             "--id-gate", "2"], "fused.pt"),
     ("raw", "lever: stage-1 vectors instead of stage 3's fused views", ["--views", "dual", "--semantic", "raw"],
      None),
+    ("both", "lever: stage-1 vectors beside stage 3's fused views", ["--views", "dual", "--fused", "{data}/fused.pt",
+                                                                     "--semantic", "both"], "fused.pt"),
     ("noalign", "w/o alignment", ["--views", "dual", "--fused", "{data}/fused_noalign.pt"], "fused_noalign.pt"),
     ("nocross", "w/o cross-attention fusion", ["--views", "dual", "--fused", "{data}/fused_nocross.pt"],
      "fused_nocross.pt"),
@@ -62,8 +64,8 @@ VARIANTS = [
 # top of a variant, and the training-free content-only ranking (cosine to the last item; any run holds it)
 DERIVED = [("id", "test", "plain backbone + content match"), ("id", "content_only", "content only (no training)"),
            ("dmesr", "test", "DMESR + content match")]
-FINETUNE = ("dmesr_ft", "DMESR + fine-tuned fusion", ["--views", "dual", "--fused", "{data}/fused.pt",
-                                                      "--finetune-fusion"], "fused.pt")
+FINETUNE = ("dmesr_ft", "DMESR + fine-tuned fusion (no whitening)", ["--views", "dual", "--fused", "{data}/fused.pt",
+                                                                       "--finetune-fusion", "--no-whiten"], "fused.pt")
 # On synthetic data the generating attributes are known: h_A = one-hot image attributes (category, colour, shape,
 # pattern), h_B = one-hot text attributes (category, brand, price band). Not a method, a ceiling: what perfect content
 # understanding could add over the ID embedding with the same stage-4 plug-in. If it adds nothing, no MLLM can.

@@ -868,7 +868,7 @@ def parse_args(argv=None):
     s.add_argument("--zipf", type=float, default=1.2, help="exponent of the Zipf-like item popularity")
     s.add_argument("--taste", type=float, default=3.0, help="strength of the latent tastes (0 = popularity only)")
     s.add_argument("--companion", type=float, default=0.1, help="chance the next item is the previous one's companion")
-    s.add_argument("--new-items", type=float, default=0.0, help="fraction of the catalogue released last: met only "
+    s.add_argument("--new-items", type=float, default=0.2, help="fraction of the catalogue released last: met only "
                    "as validation / test targets, never in training (cold-start items)")
     s.add_argument("--image-size", type=int, default=128, help="side of the rendered product photos in pixels")
     s.add_argument("--no-images", action="store_true", help="skip rendering (for very large benchmark catalogues)")

@@ -312,7 +312,8 @@ def test_dual_view_end_to_end_with_fusion_finetuning(tiny_dataset):
     common.save_artifact(tiny_dataset / "fused.pt", "fused", payload, {"fixture": "random BiCrossFusion"},
                          ds.fingerprint)
     before = payload["module_state"]
-    run_script("04_train_backbone.py", tiny_dataset, "--epochs", "2", "--finetune-fusion", "--name", "dual", *FAST)
+    run_script("04_train_backbone.py", tiny_dataset, "--epochs", "2", "--finetune-fusion", "--no-whiten", "--name", "dual",
+               *FAST)
     res = json.loads((tiny_dataset / "runs" / "dual" / "results.json").read_text())
     assert res["views"] == "dual" and res["fused"].endswith("fused.pt")  # dual is the default once fused.pt exists
     state = common.load_artifact(tiny_dataset / "runs" / "dual" / "model.pt", "backbone")["state_dict"]
@@ -478,7 +479,7 @@ def test_semantic_sources_fused_raw_and_both():
     mask[0] = False  # an item without any MLLM view: zeros, not NaN
     sem = {"view_emb": view_emb, "view_mask": mask, "text_pooled": torch.randn(N, E, generator=g)}
     fused = {"h_A": torch.randn(N, 4, generator=g), "h_B": torch.randn(N, 4, generator=g)}
-    tables = {src: stage4.semantic_tables(stage4.Config(semantic=src), ["A", "B"], fused, sem)
+    tables = {src: stage4.semantic_tables(stage4.Config(semantic=src, whiten=False), ["A", "B"], fused, sem)
               for src in ("fused", "raw", "both")}
     m = mask.float()[..., None]
     raw_a = (view_emb * m).sum(1) / m.sum(1).clamp_min(1)
