@@ -900,8 +900,8 @@ def rank_metrics(ranks) -> dict:
 
 
 def count_at_least(s, t) -> torch.Tensor:
-    """#{j: s[b, j] >= t[b]} per row, overwriting s. Comparing into a float buffer and summing it is ~10x faster on
-    CPU than summing a bool tensor, and exact: 0/1 counts stay integers in float32 up to 2^24 items per chunk."""
+    """#{j: s[b, j] >= t[b]} per row, overwriting s. Comparing into a float buffer and summing it is faster on CPU
+    than summing a bool tensor, and exact: 0/1 counts stay integers in float32 up to 2^24 items per chunk."""
     return torch.ge(s, t, out=s).sum(1, dtype=torch.float64 if s.shape[1] >= 2 ** 24 else None).long()
 
 
