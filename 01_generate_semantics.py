@@ -50,7 +50,7 @@ from common import DatasetError, load_dataset, log, log_config, parse_config, pi
     seed_everything, setup_logging
 
 # ----------------------------------------------------------------------------------------------------------------------
-# ALGO: three-way prompting. {text} is the item's original text t_i; the image travels beside the prompt.
+# ALGO LOGIC: three-way prompting. {text} is the item's original text t_i; the image travels beside the prompt.
 # ----------------------------------------------------------------------------------------------------------------------
 VIEWS = ["img", "txt", "mm"]
 PROMPTS = {

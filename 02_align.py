@@ -16,7 +16,6 @@ says so and writes the heads at their (orthogonal) initialisation, a distance-pr
 """
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-
-log = logging.getLogger("dmesr")
+from common import log
 
 
 @dataclass
@@ -163,8 +161,7 @@ def align(view_emb: torch.Tensor, view_mask: torch.Tensor, cfg: Config, device: 
 # Plumbing: load semantics.pt, run, write aligned.pt
 # ----------------------------------------------------------------------------------------------------------------------
 
-def main(argv=None):
-    cfg = common.parse_config(Config, argv, description=__doc__.split("\n")[0])
+def main(cfg: Config):
     common.setup_logging()
     common.log_config(cfg)
     common.seed_everything(cfg.seed)
@@ -173,14 +170,12 @@ def main(argv=None):
         torch.set_num_threads(cfg.threads)
     data = Path(cfg.data)
     ds = common.load_dataset(data, check_images=False)
-    sem = common.load_artifact(cfg.semantics or data / "semantics.pt", "semantics", fingerprint=ds.fingerprint)
+    sem = common.load_artifact(cfg.semantics or data / "semantics.pt", "semantics", fingerprint=ds.fingerprint,
+                               item_ids=ds.item_ids)
     view_emb, view_mask = sem["view_emb"].float(), sem["view_mask"].bool()
     if view_emb.shape[0] != ds.n_items or view_emb.dim() != 3:
         raise common.ArtifactError(f"{cfg.semantics or data / 'semantics.pt'}: view_emb has shape "
                                    f"{tuple(view_emb.shape)}, expected [{ds.n_items}, 3, E]")
-    if list(sem["item_ids"]) != ds.item_ids:
-        raise common.ArtifactError(f"{cfg.semantics or data / 'semantics.pt'}: item ids differ from {data}/items.jsonl; "
-                                   f"rerun 01_generate_semantics.py")
     counts = {VIEWS[k]: int(view_mask[:, k].sum()) for k in range(view_mask.shape[1])}
     log.info(f"{ds.n_items} items, views present: {counts}, items with >= 2 views: {int((view_mask.sum(1) >= 2).sum())}"
              f", with none: {int((view_mask.sum(1) == 0).sum())}")
@@ -202,4 +197,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main(common.parse_config(Config, description=__doc__.split("\n\n")[0]))

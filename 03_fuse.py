@@ -20,7 +20,6 @@ kwargs and state, the inputs it maps (so stage 4's --finetune-fusion can train i
 """
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-
-log = logging.getLogger("dmesr")
+from common import log
 
 
 @dataclass
@@ -82,20 +80,6 @@ class Config:
 # ALGO LOGIC: bidirectional cross-attention fusion (the module stage 4 can fine-tune)
 # ----------------------------------------------------------------------------------------------------------------------
 
-def attend(q, k, v, key_mask, sdpa: bool = True, dropout_p: float = 0.0):
-    """Multi-head attention of q [B, H, Lq, dh] over k, v [B, H, Lk, dh]; key_mask [B, Lk] True = attend.
-
-    The SDPA path is the fast one; the plain masked-softmax path beside it is the definition it is tested against.
-    Every row must have at least one valid key (the fusion guarantees it with a null key).
-    """
-    mask = key_mask[:, None, None, :]
-    if sdpa:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    att = (q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5
-    att = att.masked_fill(~mask, float("-inf")).softmax(-1)
-    return F.dropout(att, dropout_p) @ v
-
-
 class CrossBlock(nn.Module):
     """Queries attend to another sequence (+ a learned null key), then residual + LayerNorm and a feed-forward."""
 
@@ -117,7 +101,8 @@ class CrossBlock(nn.Module):
         ctx_mask = torch.cat([ctx_mask.new_ones(b, 1), ctx_mask], 1)
         split = lambda t: t.view(b, -1, self.h, d // self.h).transpose(1, 2)  # noqa: E731
         k, v = self.kv(ctx).chunk(2, -1)
-        y = attend(split(self.q(x)), split(k), split(v), ctx_mask, self.sdpa, self.dropout if self.training else 0.0)
+        y = common.attend(split(self.q(x)), split(k), split(v), ctx_mask[:, None, None, :],
+                          self.dropout if self.training else 0.0, "sdpa" if self.sdpa else "plain")
         x = self.ln1(x + self.drop(self.o(y.transpose(1, 2).reshape(b, lq, d))))
         return self.ln2(x + self.drop(self.ff(x)))
 
@@ -256,8 +241,7 @@ def encode_all(fusion: BiCrossFusion, inputs, device, chunk: int = 1024):
 # Plumbing: load the stage-1/2 artifacts, pretrain, write fused.pt
 # ----------------------------------------------------------------------------------------------------------------------
 
-def main(argv=None):
-    cfg = common.parse_config(Config, argv, description=__doc__.split("\n")[0])
+def main(cfg: Config):
     common.setup_logging()
     common.log_config(cfg)
     common.seed_everything(cfg.seed)
@@ -267,12 +251,10 @@ def main(argv=None):
     data = Path(cfg.data)
     ds = common.load_dataset(data, check_images=False)
     sem_path = Path(cfg.semantics or data / "semantics.pt")
-    sem = common.load_artifact(sem_path, "semantics", fingerprint=ds.fingerprint)
-    if list(sem["item_ids"]) != ds.item_ids:
-        raise common.ArtifactError(f"{sem_path}: item ids differ from {data}/items.jsonl; rerun 01_generate_semantics.py")
+    sem = common.load_artifact(sem_path, "semantics", fingerprint=ds.fingerprint, item_ids=ds.item_ids)
     if cfg.align:
         al_path = Path(cfg.aligned or data / "aligned.pt")
-        al = common.load_artifact(al_path, "aligned", fingerprint=ds.fingerprint)
+        al = common.load_artifact(al_path, "aligned", fingerprint=ds.fingerprint, item_ids=ds.item_ids)
         coarse, coarse_mask = al["aligned"].float(), al["view_mask"].bool()
     else:  # ablation: no contrastive alignment, the raw encoder vectors of the descriptions (projected in the module)
         coarse, coarse_mask = sem["view_emb"].float(), sem["view_mask"].bool()
@@ -307,4 +289,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main(common.parse_config(Config, description=__doc__.split("\n\n")[0]))

@@ -49,22 +49,28 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from common import log
+from common import attend, log
 
 
-# Default dropout per backbone, each the best Beauty validation NDCG@10 of 0.5 / 0.6 (README): SASRec gains from 0.6;
-# GRU4Rec and BERT4Rec lose at 0.6, where GRU4Rec also runs 191 epochs (45 min on one shared core).
+# ----------------------------------------------------------------------------------------------------------------------
+# Config: plain values with a one-line docstring each (the --help text); -1 = the backbone's own value
+# ----------------------------------------------------------------------------------------------------------------------
+
+# The per-backbone values behind -1, each chosen on Beauty validation NDCG@10 (figures in the README).
+# Dropout: SASRec gains from more; GRU4Rec and BERT4Rec lose at 0.6.
 DROPOUT = {"sasrec": 0.6, "gru4rec": 0.5, "bert4rec": 0.5}
-# GRU4Rec at 1e-3 was still improving at the 200-epoch cap (best 196, 40 min); at 2e-3 it reaches the same validation
-# NDCG@10 (0.0471 vs 0.0470) at epoch 129 and stops inside 25 minutes on 2 cores (README).
+# GRU4Rec takes larger steps: at 1e-3 it is still improving at the epoch cap; at 2e-3 it gets there in fewer epochs.
 LR = {"sasrec": 1e-3, "gru4rec": 2e-3, "bert4rec": 1e-3}
-# Init scale: item embeddings start at std scale / sqrt(hidden), positions at std scale (the transformers multiply
-# items by sqrt(hidden), so both parts of the input start at std scale). SASRec 0.1 (item std 0.0125 at hidden 64,
-# about the Xavier init of the SASRec reference code): on Beauty bce's sampled-100 validation NDCG@10 0.361 against
-# 0.357 with 1 (bce updates an item only when it is drawn, so a large random init stays in rarely drawn items'
-# scores), ce's full-ranking one 0.0503 against 0.0497 (README). BERT4Rec keeps 1 (validation 0.0373 against 0.0367
-# at 0.1), GRU4Rec too (its inputs are not scaled up, so at 0.1 they start near zero).
+# Item embeddings start at std init_scale / sqrt(hidden), positions at std init_scale (the transformers multiply items
+# by sqrt(hidden), so both parts of the input start at init_scale). SASRec starts small because bce updates an item
+# only when it is drawn, so a large random init stays in rarely drawn items' scores. GRU4Rec keeps 1: its inputs are
+# not scaled up, so at 0.1 they would start near zero.
 INIT_SCALE = {"sasrec": 0.1, "gru4rec": 1.0, "bert4rec": 1.0}
+
+
+def per_backbone(table: dict) -> str:
+    """'(sasrec 0.001, ...)': the values behind a -1 default, for --help."""
+    return "(" + ", ".join(f"{b} {v:g}" for b, v in table.items()) + ")"
 
 
 @dataclass
@@ -76,7 +82,7 @@ class Config:
     loss: str = "ce"
     """ce = softmax over all items at every position; bce = one uniformly sampled negative per position"""
     views: str = "auto"
-    """item representation: id (plain backbone) | dual (DMESR h_A + h_B) | A | B (one fused view); auto = dual when the fused file exists, else id"""
+    """item representation: id (plain backbone) | dual (DMESR h_A + h_B) | A | B (one view); auto = dual if fused.pt"""
     fused: str = ""
     """stage-3 artifact for the fused views (default DATA/fused.pt; ablation variants are other files)"""
     id_emb: bool = True
@@ -84,7 +90,7 @@ class Config:
     finetune_fusion: bool = False
     """rebuild stage 3's BiCrossFusion from the fused file and train it end to end with the recommendation loss"""
     semantic: str = "fused"
-    """content behind the views: fused (stage 3's h_A, h_B) | raw (stage 1's frozen vectors: A = the MLLM views, B = the original text) | both (concatenated)"""
+    """content behind the views: fused (stage 3's h_A, h_B) | raw (stage 1: A = MLLM views, B = original text) | both"""
     semantics: str = ""
     """stage-1 artifact for --semantic raw and the content-match term (default DATA/semantics.pt)"""
     whiten: bool = True
@@ -96,9 +102,9 @@ class Config:
     id_free: str = "B"
     """comma-separated views whose item vector is content only, no ID part (e.g. B)"""
     train_items: str = "all"
-    """items the training loss ranks: all | seen (only items with a training interaction: a new arrival is never a positive, and as every step's negative it would only learn to stay unseen)"""
+    """items the loss ranks: all | seen (those with a training interaction; a new arrival is never a positive)"""
     content_grid: str = "0,0.5,1,2,3,4,6,8,12,16,24,32"
-    """inference-time content match: gammas tried on validation for score + gamma * cos(text, last item's text); empty = off"""
+    """inference-time content match: gammas tried on validation for score + gamma * cos(text, last text); empty = off"""
     hidden: int = 64
     """hidden size of the backbone (per view; the dual-view user/item vectors are twice this)"""
     blocks: int = 2
@@ -108,17 +114,17 @@ class Config:
     init_scale: float = -1.0
     """item embeddings start at std init_scale / sqrt(hidden), positions at init_scale; -1 = the backbone's own"""
     dropout: float = -1.0
-    """dropout on embeddings, attention weights and feed-forward outputs; -1 = the backbone's own (DROPOUT above)"""
+    """dropout on embeddings, attention weights and feed-forward outputs; -1 = the backbone's own"""
     max_len: int = 50
     """longest history the backbone reads (most recent items kept)"""
     mask_prob: float = 0.2
     """bert4rec cloze: probability that a position is replaced by the mask token in training"""
     lr: float = -1.0
-    """Adam learning rate; -1 = the backbone's own (LR above)"""
+    """Adam learning rate; -1 = the backbone's own"""
     weight_decay: float = 0.0
     """Adam weight decay"""
     beta2: float = 0.999
-    """Adam beta2 (torch's default; the SASRec reference code uses 0.98, which adapts faster to sparse embedding rows)"""
+    """Adam beta2 (torch's default; the SASRec reference code's 0.98 adapts faster to sparse embedding rows)"""
     batch_size: int = 128
     """user sequences per optimisation step (global batch: split across ranks under torchrun)"""
     epochs: int = 200
@@ -126,9 +132,9 @@ class Config:
     max_batches: int = 0
     """end each epoch after this many batches (0 = all); for benchmarks and smoke runs"""
     select: str = "auto"
-    """validation protocol whose NDCG@10 picks the best epoch and stops early: full | sampled | auto (bce: sampled, ce: full)"""
+    """protocol of the validation NDCG@10 that picks the epoch and stops early: full | sampled | auto (bce: sampled)"""
     patience: int = 30
-    """stop after this many evaluations without a better validation NDCG@10 (10 stopped MovieLens and bce runs in early plateaus)"""
+    """stop after this many evaluations without a better validation NDCG@10 (long enough to cross early plateaus)"""
     eval_every: int = 1
     """epochs between validation evaluations"""
     eval_batch: int = 1024
@@ -136,7 +142,7 @@ class Config:
     eval_chunk: int = 0
     """score items in chunks of this many in full-ranking evaluation (0 = all at once); memory ~ eval_batch x chunk"""
     ce_chunk: int = 0
-    """compute the ce loss over item chunks of this many, recomputed in backward (0 = all at once); memory ~ positions x chunk"""
+    """ce loss over item chunks of this many, recomputed in backward (0 = all at once); memory ~ positions x chunk"""
     eval_seed: int = 2024
     """seed of the sampled-100 negatives (fixed and independent of --seed, so every run ranks the same candidates)"""
     n_neg: int = 100
@@ -178,7 +184,7 @@ class Config:
     resume: bool = False
     """continue the run from DATA/runs/<name>/last.pt (refused if config or dataset differ; no file: start afresh)"""
 
-    def __post_init__(self):  # -1 = the backbone's own; resolved at once, so results.json records what the run used
+    def __post_init__(self):  # -1 resolved at once, so results.json records what the run used
         if self.backbone in DROPOUT:  # (an unknown backbone is refused with a clear message by resolve_views)
             self.dropout = DROPOUT[self.backbone] if self.dropout < 0 else self.dropout
             self.lr = LR[self.backbone] if self.lr < 0 else self.lr
@@ -187,167 +193,16 @@ class Config:
             self.select = "sampled" if self.loss == "bce" else "full"
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Data: right-aligned padded matrices, batches, negatives. Built once with numpy; the per-batch path is pure indexing.
-# ----------------------------------------------------------------------------------------------------------------------
+HELP = {"dropout": per_backbone(DROPOUT), "lr": per_backbone(LR), "init_scale": per_backbone(INIT_SCALE)}
 
-def right_aligned(seqs: list[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
-    """[U, length] int64 with each sequence's last `length` items at the right end (0 = padding), and the lengths.
-
-    Right alignment keeps the most recent item in the last column, so trimming a batch to its longest sequence
-    (dropping leading all-padding columns) changes nothing the model computes.
-    """
-    lens = np.fromiter((min(len(s), length) for s in seqs), dtype=np.int64, count=len(seqs))
-    out = np.zeros((len(seqs), length), dtype=np.int64)
-    flat = np.concatenate([s[len(s) - n:] for s, n in zip(seqs, lens)]) if len(seqs) else np.zeros(0, np.int64)
-    rows = np.repeat(np.arange(len(seqs)), lens)
-    cols = length - lens[rows] + (np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens))
-    out[rows, cols] = flat
-    return out, lens
-
-
-def membership(user_rows: np.ndarray, items: np.ndarray, keys: np.ndarray, n_items: int) -> np.ndarray:
-    """True where items[r, j] belongs to user user_rows[r]; `keys` = sorted user * (n_items + 1) + item."""
-    q = user_rows.reshape(-1, *([1] * (items.ndim - 1))) * (n_items + 1) + items
-    pos = np.searchsorted(keys, q).clip(max=len(keys) - 1)
-    return keys[pos] == q
-
-
-def user_item_keys(seqs: list[np.ndarray], n_items: int) -> np.ndarray:
-    lens = np.array([len(s) for s in seqs])
-    return np.unique(np.repeat(np.arange(len(seqs)), lens) * (n_items + 1) + np.concatenate(seqs))
-
-
-def sample_eval_negatives(seqs: list[np.ndarray], n_items: int, n: int, seed: int) -> np.ndarray:
-    """[U, n] distinct negatives per user, uniform over the items the user never interacted with (fixed seed).
-
-    Vectorised rejection sampling: draw with replacement, drop the user's items and repeats (keeping the first
-    occurrence, so the survivors stay a uniform sample without replacement), redraw the rows left short.
-    """
-    rng = np.random.default_rng(seed)
-    keys = user_item_keys(seqs, n_items)
-    out = np.zeros((len(seqs), n), dtype=np.int64)
-    todo, extra = np.arange(len(seqs)), 2 * n + 16
-    while len(todo):
-        cand = rng.integers(1, n_items + 1, size=(len(todo), n + extra))
-        bad = membership(todo, cand, keys, n_items)
-        order = np.argsort(cand, axis=1, kind="stable")
-        srt = np.take_along_axis(cand, order, 1)
-        dup_sorted = np.zeros_like(bad)
-        dup_sorted[:, 1:] = srt[:, 1:] == srt[:, :-1]
-        dup = np.zeros_like(bad)
-        np.put_along_axis(dup, order, dup_sorted, 1)
-        ok = ~bad & ~dup
-        done = ok.sum(1) >= n
-        first = np.argsort(~ok[done], axis=1, kind="stable")[:, :n]  # first n survivors in draw order
-        out[todo[done]] = np.take_along_axis(cand[done], first, 1)
-        todo, extra = todo[~done], extra * 2
-    return out
-
-
-def batch_order(lens: np.ndarray, batch_size: int, rng: np.random.Generator, bucket: bool) -> list[np.ndarray]:
-    """One epoch of (global) batches of row indices. Bucketing sorts 50-batch windows of a random permutation by
-    length, so batches hold similar lengths and trimming removes most padding, then shuffles the batches."""
-    perm = rng.permutation(len(lens))
-    if bucket:
-        w = 50 * batch_size
-        perm = np.concatenate([p[np.argsort(lens[p], kind="stable")] for p in np.split(perm, range(w, len(perm), w))])
-    batches = np.split(perm, range(batch_size, len(perm), batch_size))
-    if bucket:
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-    return batches
+# --select picks the protocol whose validation NDCG@10 chooses the epoch. bce defaults to sampled-100, the protocol its
+# paper family reports it on: its full-ranking validation NDCG@10 is a flat, noisy plateau, so patience on it would stop
+# at a chance epoch.
+SELECT = {"full": "full", "sampled": "sampled100"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# ALGO: one attention implementation, shared by SASRec (causal) and BERT4Rec (bidirectional)
-# ----------------------------------------------------------------------------------------------------------------------
-
-def attention_mask(valid: torch.Tensor, causal: bool) -> torch.Tensor:
-    """[B, 1, L, L] bool, True = may attend: non-padding keys (and only earlier ones when causal).
-
-    Every query also sees itself, so no row is fully masked: softmax stays finite (no NaN) even for padding queries,
-    which read only their own (zeroed) state and are zeroed again after each block.
-    """
-    L = valid.shape[1]
-    m = valid[:, None, None, :].expand(-1, 1, L, L)
-    if causal:
-        m = m & torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
-    return m | torch.eye(L, dtype=torch.bool, device=valid.device)
-
-
-def attend(q, k, v, mask, dropout: float, impl: str):
-    """softmax(q k^T / sqrt(d) masked) v. 'sdpa' is the fast path; 'plain' is the same maths spelled out."""
-    if impl == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-    s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    a = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
-    return F.dropout(a, dropout, training=dropout > 0) @ v
-
-
-class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(LN(x)), then x + ffn(LN(x)) (SASRec's point-wise two-layer FFN)."""
-
-    def __init__(self, d: int, heads: int, dropout: float, attention: str):
-        super().__init__()
-        self.heads, self.p, self.attention = heads, dropout, attention
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.ffn = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d, d))
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x, mask):
-        B, L, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = attend(q, k, v, mask, self.p if self.training else 0.0, self.attention)
-        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, d)))
-        return x + self.drop(self.ffn(self.ln2(x)))
-
-
-class Transformer(nn.Module):
-    """SASRec (causal=True) and BERT4Rec (causal=False): learned positions, pre-LN blocks, padding kept at zero."""
-
-    def __init__(self, d, blocks, heads, dropout, max_len, causal, attention, pos_std):
-        super().__init__()
-        self.causal, self.scale = causal, math.sqrt(d)
-        self.pos = nn.Embedding(max_len, d)
-        with torch.no_grad():  # N(0, 1) scaled, not redrawn: scale 1 keeps the random stream of runs made before it
-            self.pos.weight.mul_(pos_std)
-        self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d, heads, dropout, attention) for _ in range(blocks))
-        self.ln = nn.LayerNorm(d)
-
-    def forward(self, x, valid):  # x [B, L, d] item vectors, valid [B, L] -> [B, L, d]
-        L = x.shape[1]
-        keep = valid[..., None].to(x.dtype)
-        # right-aligned: column j of a batch trimmed to L columns is absolute position max_len - L + j
-        x = self.drop(x * self.scale + self.pos.weight[-L:]) * keep
-        mask = attention_mask(valid, self.causal)
-        for b in self.blocks:
-            x = b(x, mask) * keep
-        return self.ln(x) * keep
-
-
-class GRU(nn.Module):
-    """GRU4Rec: a GRU over the sequence. Rows are rotated so padding comes last while the GRU runs, which makes each
-    output independent of how much padding the batch has (and trivially causal)."""
-
-    def __init__(self, d, layers, dropout):
-        super().__init__()
-        self.drop = nn.Dropout(dropout)
-        self.gru = nn.GRU(d, d, num_layers=layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
-
-    def forward(self, x, valid):
-        L = x.shape[1]
-        shift = valid.sum(1, keepdim=True)  # right-aligned length
-        left = (torch.arange(L, device=x.device) + L - shift) % L  # left-aligned position j reads column left[j]
-        xl = x.gather(1, left[..., None].expand_as(x))
-        h, _ = self.gru(self.drop(xl))
-        back = (torch.arange(L, device=x.device) + shift) % L  # inverse rotation
-        return self.drop(h.gather(1, back[..., None].expand_as(h))) * valid[..., None].to(h.dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# ALGO: the item-representation seam (plain ID embeddings, or DMESR's dual view) and the recommender around it
+# ALGO LOGIC: item representation, the seam where DMESR plugs in (ID embeddings, or the dual view)
 # ----------------------------------------------------------------------------------------------------------------------
 
 def load_fusion_module(fused: dict) -> nn.Module:
@@ -465,6 +320,89 @@ class ItemEncoder(nn.Module):
         return x * (ids != 0)[..., None, None].to(x.dtype)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: backbones. One attention (common.attend), shared by SASRec (causal) and BERT4Rec; GRU4Rec
+# ----------------------------------------------------------------------------------------------------------------------
+
+def attention_mask(valid: torch.Tensor, causal: bool) -> torch.Tensor:
+    """[B, 1, L, L] bool, True = may attend: non-padding keys (and only earlier ones when causal).
+
+    Every query also sees itself, so no row is fully masked: softmax stays finite (no NaN) even for padding queries,
+    which read only their own (zeroed) state and are zeroed again after each block.
+    """
+    L = valid.shape[1]
+    m = valid[:, None, None, :].expand(-1, 1, L, L)
+    if causal:
+        m = m & torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
+    return m | torch.eye(L, dtype=torch.bool, device=valid.device)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + ffn(LN(x)) (SASRec's point-wise two-layer FFN)."""
+
+    def __init__(self, d: int, heads: int, dropout: float, attention: str):
+        super().__init__()
+        self.heads, self.p, self.attention = heads, dropout, attention
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ffn = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d, d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, mask):
+        B, L, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = attend(q, k, v, mask, self.p if self.training else 0.0, self.attention)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, d)))
+        return x + self.drop(self.ffn(self.ln2(x)))
+
+
+class Transformer(nn.Module):
+    """SASRec (causal=True) and BERT4Rec (causal=False): learned positions, pre-LN blocks, padding kept at zero."""
+
+    def __init__(self, d, blocks, heads, dropout, max_len, causal, attention, pos_std):
+        super().__init__()
+        self.causal, self.scale = causal, math.sqrt(d)
+        self.pos = nn.Embedding(max_len, d)
+        with torch.no_grad():  # nn.Embedding's N(0, 1) init, scaled in place (one draw, whatever the scale)
+            self.pos.weight.mul_(pos_std)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(d, heads, dropout, attention) for _ in range(blocks))
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, x, valid):  # x [B, L, d] item vectors, valid [B, L] -> [B, L, d]
+        L = x.shape[1]
+        keep = valid[..., None].to(x.dtype)
+        # right-aligned: column j of a batch trimmed to L columns is absolute position max_len - L + j
+        x = self.drop(x * self.scale + self.pos.weight[-L:]) * keep
+        mask = attention_mask(valid, self.causal)
+        for b in self.blocks:
+            x = b(x, mask) * keep
+        return self.ln(x) * keep
+
+
+class GRU(nn.Module):
+    """GRU4Rec: a GRU over the sequence. Rows are rotated so padding comes last while the GRU runs, which makes each
+    output independent of how much padding the batch has (and trivially causal)."""
+
+    def __init__(self, d, layers, dropout):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.gru = nn.GRU(d, d, num_layers=layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
+
+    def forward(self, x, valid):
+        L = x.shape[1]
+        shift = valid.sum(1, keepdim=True)  # right-aligned length
+        left = (torch.arange(L, device=x.device) + L - shift) % L  # left-aligned position j reads column left[j]
+        xl = x.gather(1, left[..., None].expand_as(x))
+        h, _ = self.gru(self.drop(xl))
+        back = (torch.arange(L, device=x.device) + shift) % L  # inverse rotation
+        return self.drop(h.gather(1, back[..., None].expand_as(h))) * valid[..., None].to(h.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: the recommender: user state from the backbone, score = dot product with the item vectors
+# ----------------------------------------------------------------------------------------------------------------------
+
 class Recommender(nn.Module):
     """User state = backbone over each view's sequence of item vectors, concatenated; score = dot with item vectors."""
 
@@ -491,6 +429,8 @@ class Recommender(nn.Module):
         `vecs` = precomputed item vectors for every id (saves re-encoding the items when the loss needs them all)."""
         x = vecs[seq] if vecs is not None else self.items(seq)  # [B, L, V, d]
         B, L, V, d = x.shape
+        # The dual view's shared backbone: each view's sequence becomes its own row of one [B*V, L, d] batch, so the
+        # same weights encode every view; the V states of a position are then concatenated into the user vector.
         h = self.backbone(x.transpose(1, 2).reshape(B * V, L, d), (seq != 0).repeat_interleave(V, 0))
         return h.view(B, V, L, d).transpose(1, 2).reshape(B, L, V * d)
 
@@ -501,9 +441,38 @@ class Recommender(nn.Module):
         v = self.all_vectors() if vecs is None else vecs
         return v[1:self.n + 1].flatten(1)
 
+    @staticmethod
+    def score(h, table):
+        """The recommendation score: user states [B, V*d] . item vectors [N, V*d] -> [B, N]. Both sides are the views
+        concatenated, so a score is the sum of the per-view dot products. Evaluation's chunked ranking, the hand-written
+        loss and top_k compute the same product into their own buffers."""
+        return h @ table.T
+
 
 # ----------------------------------------------------------------------------------------------------------------------
-# ALGO: losses
+# ALGO LOGIC: losses, summed over the predicted positions
+# ----------------------------------------------------------------------------------------------------------------------
+
+def ce_loss_sum(h, table, target, chunk: int = 0):
+    """sum over positions of -log softmax(score(h, items))[target]: the softmax cross-entropy over all items, target ids
+    1-based (row r of `table` = item r+1). The definition is the F.cross_entropy line; SoftmaxCE below computes the same
+    faster on CPU, and in chunks when asked (on a GPU torch's fused cross-entropy is the faster one)."""
+    if h.is_cuda and not 0 < chunk < len(table):
+        return F.cross_entropy(Recommender.score(h, table), target - 1, reduction="sum")
+    return SoftmaxCE.apply(h, table, target - 1, chunk)
+
+
+def bce_loss_sum(h, model, target, neg, vecs):
+    """sum over positions of -log sigmoid(score(target)) - log(1 - sigmoid(score(negative))), one sampled negative per
+    position; each position scores only its two items, so the product is row-wise, not the full score matrix."""
+    pos_v = vecs[target].flatten(1) if vecs is not None else model.items(target).flatten(1)
+    neg_v = vecs[neg].flatten(1) if vecs is not None else model.items(neg).flatten(1)
+    pos_s, neg_s = (h * pos_v).sum(-1), (h * neg_v).sum(-1)
+    return F.softplus(-pos_s).sum() + F.softplus(neg_s).sum()  # = BCE(pos, 1) + BCE(neg, 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Speed, tested equal: the softmax cross-entropy with a hand-written gradient (tests/test_backbone.py)
 # ----------------------------------------------------------------------------------------------------------------------
 
 class SoftmaxCE(torch.autograd.Function):
@@ -512,8 +481,8 @@ class SoftmaxCE(torch.autograd.Function):
     Why not F.cross_entropy(h @ W.T, y): on CPU a ce step is dominated by elementwise passes over the [positions, items]
     logits, not by the matmuls, and autograd's log_softmax + nll makes about twice as many passes as needed. Here the
     logits buffer becomes exp(logits - max) in place and is kept; the softmax normalisation and the one-hot are
-    applied to the small [M, d] / [N, d] products in backward. Measured 1.7x faster per step on a Beauty-sized batch
-    (bench/bench_backbone.py prints the ratio). tests/test_backbone.py checks loss and gradients against F.cross_entropy.
+    applied to the small [M, d] / [N, d] products in backward (bench/bench_backbone.py prints the speed ratio).
+    tests/test_backbone.py checks loss and gradients against F.cross_entropy.
     Chunked (chunk > 0), only each row's log-sum-exp is kept and backward recomputes each chunk's logits, so memory is
     positions x chunk, not positions x items (torch has no chunked cross-entropy).
     """
@@ -551,25 +520,382 @@ class SoftmaxCE(torch.autograd.Function):
         return dh * g, dW * g, None, None
 
 
-def ce_loss_sum(h, table, target, chunk: int = 0):
-    """Sum over positions of the softmax cross-entropy over all items (target ids are 1-based; row r = item r+1).
+# ----------------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: training. Epochs of (global) batches, validation each --eval-every epochs, the best epoch tested once
+# ----------------------------------------------------------------------------------------------------------------------
 
-    On a GPU torch's fused cross-entropy is the faster one (H100: 0.45 vs 0.66 ms for a Beauty-sized step, measured
-    with bench/bench_backbone.py --device cuda), so SoftmaxCE is used there only when chunking is asked for."""
-    if h.is_cuda and not 0 < chunk < len(table):
-        return F.cross_entropy(h @ table.T, target - 1, reduction="sum")
-    return SoftmaxCE.apply(h, table, target - 1, chunk)
+@dataclass
+class TrainData:
+    """What training and evaluation read, built once with numpy (the per-batch path is pure indexing)."""
+    train_seqs: list  # per user, the training part of the sequence (validation and test items removed)
+    eval_users: np.ndarray  # users with a validation and a test item
+    tr: np.ndarray  # [U, L or L+1] right-aligned training sequences of the users with something to predict
+    tr_len: np.ndarray  # [U] predicted positions per sequence
+    tr_users: np.ndarray  # [U] their user rows
+    keys: np.ndarray  # sorted user * (N + 1) + item over the training items (bce negatives avoid them)
+    valid: tuple  # (right-aligned histories, targets, sampled negatives) of the eval users
+    test: tuple  # the same for test: built here, read only once, after training, by the best-epoch model
+    n_neg: int  # sampled negatives per user (fewer than --n-neg when the catalogue is small)
+    scored: np.ndarray | None = None  # --train-items seen: the sorted ids the loss ranks (None: every item)
 
 
-def bce_loss_sum(h, model, target, neg, vecs):
-    pos_v = vecs[target].flatten(1) if vecs is not None else model.items(target).flatten(1)
-    neg_v = vecs[neg].flatten(1) if vecs is not None else model.items(neg).flatten(1)
-    pos_s, neg_s = (h * pos_v).sum(-1), (h * neg_v).sum(-1)
-    return F.softplus(-pos_s).sum() + F.softplus(neg_s).sum()  # = BCE(pos, 1) + BCE(neg, 0)
+@dataclass
+class Run:
+    """The fixed context of one training run, which every training function reads."""
+    cfg: Config
+    ds: common.Dataset
+    data: TrainData
+    views: list
+    model: Recommender
+    ddp: nn.Module | None  # the model, wrapped in DistributedDataParallel under torchrun
+    opt: torch.optim.Optimizer
+    device: torch.device
+    rank: int
+    world: int
+    out_dir: Path
+
+
+@dataclass
+class Progress:
+    """The state a run carries across epochs: what last.pt stores and --resume restores."""
+    curve: list = field(default_factory=list)
+    best: float = -1.0
+    best_epoch: int = 0
+    best_state: dict | None = None
+    bad: int = 0  # evaluations since the last improvement
+    train_seconds: float = 0.0
+    sequences_seen: int = 0
+    resumed_after: list = field(default_factory=list)
+
+
+def train(cfg: Config) -> dict:
+    """Train, pick the epoch on validation, test it once; writes DATA/runs/<name>/ and returns results.json's dict."""
+    world, rank, device = setup_distributed(cfg)
+    common.seed_everything(cfg.seed)
+    views, fused_path, mode = resolve_views(cfg)
+    ds = common.load_dataset(cfg.data, check_images=False)
+    fused = load_fused(fused_path, ds) if fused_path and cfg.semantic != "raw" else None
+    sem_path = Path(cfg.semantics) if cfg.semantics else Path(cfg.data) / "semantics.pt"
+    need_sem = fused_path is not None and cfg.semantic != "fused"
+    sem = load_semantics(sem_path, ds) if need_sem or (cfg.content_grid and sem_path.is_file()) else None
+    out_dir = Path(cfg.data) / "runs" / (cfg.name or f"{cfg.backbone}_{cfg.loss}_{mode}_s{cfg.seed}")
+    log.info(f"dataset {cfg.data}: {ds.report} fingerprint {ds.fingerprint}; views {mode} {views}"
+             + (f" from {fused_path if cfg.semantic == 'fused' else sem_path}" if fused_path else "")
+             + f" ({cfg.semantic}); world {world}, device {device}")
+    common.log_config(cfg)
+    data = build_data(cfg, ds)
+
+    pop = np.bincount(np.concatenate(data.train_seqs), minlength=ds.n_items + 1)[1:]  # training interactions only
+    model = Recommender(cfg, ds.n_items, views, fused, sem, pop).to(device)
+    ddp = model if world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
+    log.info(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; {len(data.tr)} training sequences, "
+             f"{len(data.eval_users)} evaluation users, {data.n_neg} sampled negatives each")
+    if cfg.batch_size < world:
+        raise SystemExit(f"--batch-size {cfg.batch_size} is smaller than the number of ranks {world}")
+    run = Run(cfg, ds, data, views, model, ddp, opt, device, rank, world, out_dir)
+    del ddp  # run.ddp is the only reference: released before the process group below
+
+    stop = catch_stop_signals()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress, start = resume_progress(run)
+    stopped_by = fit(run, progress, start, stop)
+
+    model.load_state_dict(progress.best_state)  # test, once, with the best-epoch weights
+    results = final_test(run, progress, sem, mode, fused_path, stopped_by)
+    if world > 1:
+        # DDP's reducer holds the process group and sits in a reference cycle: left to the interpreter's exit, gloo
+        # tears down there and aborts the rank (SIGABRT after results.json was written). Free it before the group.
+        run.ddp = None
+        gc.collect()
+        dist.destroy_process_group()
+    return results
+
+
+def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    """(world size, rank, device): torchrun sets the environment; a plain run is world 1, with no collective call."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = common.pick_device(cfg.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if rank != 0:
+            log.setLevel("WARNING")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    return world, rank, device
+
+
+def build_data(cfg: Config, ds: common.Dataset) -> TrainData:
+    """Training sequences (right-aligned, one extra column for next-item targets), evaluation inputs and negatives."""
+    N, bert, L = ds.n_items, cfg.backbone == "bert4rec", cfg.max_len
+    train_seqs, eval_users = ds.split()
+    if bert:  # cloze: every training sequence is input and target at once
+        tr, tr_len = right_aligned(train_seqs, L)
+    else:  # next item: input = items[:-1], target = items[1:]
+        tr, tr_len = right_aligned(train_seqs, L + 1)
+        tr_len = tr_len - 1
+    keep = tr_len >= 1  # users with something to predict
+    hist_len = L - 1 if bert else L  # BERT4Rec appends the mask token after the history
+    val_hist, _ = right_aligned([train_seqs[u] for u in eval_users], hist_len)
+    val_tgt = np.array([ds.seqs[u][-2] for u in eval_users], dtype=np.int64)
+    test_hist, _ = right_aligned([ds.seqs[u][:-1] for u in eval_users], hist_len)
+    test_tgt = np.array([ds.seqs[u][-1] for u in eval_users], dtype=np.int64)
+    n_neg = min(cfg.n_neg, N - max((len(np.unique(ds.seqs[u])) for u in eval_users), default=0))
+    # validation negatives avoid the user's items up to the validation target, test negatives all of them: drawn from
+    # one seeded stream they differ only where a draw hit the test item, and nothing in model selection depends on test
+    val_negs = sample_eval_negatives([ds.seqs[u][:-1] for u in eval_users], N, n_neg, cfg.eval_seed)
+    negs = sample_eval_negatives([ds.seqs[u] for u in eval_users], N, n_neg, cfg.eval_seed)
+    if n_neg < cfg.n_neg:
+        log.warning(f"only {n_neg} negatives per user fit this catalogue (asked {cfg.n_neg})")
+    seen = np.unique(np.concatenate(train_seqs))
+    scored = seen if cfg.train_items == "seen" and len(seen) < N else None
+    if scored is not None:
+        log.info(f"--train-items seen: the loss ranks the {len(seen)} items seen in training ({N - len(seen)} never "
+                 "seen there are ranked in evaluation all the same)")
+    return TrainData(train_seqs, eval_users, tr[keep], tr_len[keep], np.flatnonzero(keep),
+                     user_item_keys(train_seqs, N), (val_hist, val_tgt, val_negs), (test_hist, test_tgt, negs), n_neg,
+                     scored)
+
+
+def epoch_draws(cfg: Config, data: TrainData, rng: np.random.Generator, N: int):
+    """One epoch's randomness for all training sequences at once (vectorised): BERT4Rec's cloze masks and bce's
+    negatives (one per predicted position, resampled where a draw hit one of the user's training items)."""
+    tr, bert = data.tr, cfg.backbone == "bert4rec"
+    width = tr.shape[1] - (0 if bert else 1)
+    valid_pos = (tr[:, -width:] != 0) if bert else (tr[:, :-1] != 0)
+    cloze = negatives = None
+    if bert:
+        cloze = (rng.random(tr.shape) < cfg.mask_prob) & valid_pos
+        cloze[~cloze.any(1), -1] = True  # at least one prediction per sequence: the last item
+    if cfg.loss == "bce":
+        def draw(size):  # uniform over the items the loss ranks
+            return rng.integers(1, N + 1, size=size) if data.scored is None else \
+                data.scored[rng.integers(0, len(data.scored), size=size)]
+        negatives = draw((len(tr), width))
+        for _ in range(10):  # the few draws that hit one of the user's own items
+            hit = membership(data.tr_users, negatives, data.keys, N) & valid_pos
+            if not hit.any():
+                break
+            negatives[hit] = draw(int(hit.sum()))
+    return cloze, negatives
+
+
+def step_loss(run: Run, rows: np.ndarray, cloze, negatives, norm: float) -> torch.Tensor:
+    """Loss summed over this rank's rows of the global batch, divided by `norm` (the epoch's mean number of
+    predicted positions per global batch) and multiplied by the world size, so that DDP's gradient average
+    equals the single-process gradient of the whole batch."""
+    cfg, data, model, device = run.cfg, run.data, run.model, run.device
+    bert = cfg.backbone == "bert4rec"
+    Lb = int(data.tr_len[rows].max()) if len(rows) else 1
+    x = torch.from_numpy(data.tr[rows][:, -(Lb + (0 if bert else 1)):]).to(device)
+    need_all = cfg.loss == "ce" or model.items.fusion is None  # cheap unless the fusion module is fine-tuned
+    if bert:
+        m = torch.from_numpy(cloze[rows][:, -Lb:]).to(device)
+        inp, tgt, pos = x.masked_fill(m, model.n + 1), x, m
+    else:
+        inp, tgt = x[:, :-1], x[:, 1:]
+        pos = inp != 0
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+        h, vecs = run.ddp(inp, need_all)
+    if cfg.amp:  # softmax over thousands of items in bf16 loses the small probabilities: loss in float32
+        h, vecs = h.float(), (vecs.float() if vecs is not None else None)
+    h, t = h[pos], tgt[pos]  # only non-padding (or masked) positions reach the output layer
+    if cfg.loss == "ce":
+        table = model.table(vecs)
+        if data.scored is not None:  # --train-items seen: the softmax runs over the items training has seen
+            keep = torch.from_numpy(data.scored).to(device)
+            table, t = table[keep - 1], torch.searchsorted(keep, t) + 1
+        loss = ce_loss_sum(h, table, t, cfg.ce_chunk)
+    else:
+        neg = torch.from_numpy(negatives[rows][:, -Lb:]).to(device)[pos]
+        loss = bce_loss_sum(h, model, t, neg, vecs)
+    return loss * (run.world / norm)
+
+
+def train_epoch(run: Run, epoch: int) -> tuple[dict, int]:
+    """One pass over the training sequences: the epoch's curve row and the number of sequences it read."""
+    cfg, data, bert = run.cfg, run.data, run.cfg.backbone == "bert4rec"
+    rng = np.random.default_rng([cfg.seed, epoch])  # the same stream on every rank: same global batches
+    t0, c0 = time.perf_counter(), time.process_time()
+    run.ddp.train()
+    cloze, negatives = epoch_draws(cfg, data, rng, run.model.n)
+    batches = batch_order(data.tr_len, cfg.batch_size, rng, cfg.bucket)
+    # One constant divisor per epoch, not each batch's own position count: bucketed batches hold similar lengths, so a
+    # per-batch mean would weight a position in a batch of short histories up to 10x more than one in a batch of long
+    # ones; the constant weighs every position alike, as unbucketed batches do.
+    norm = max(float(cloze.sum() if bert else data.tr_len.sum()) / len(batches), 1.0)
+    batches = batches[:cfg.max_batches] if cfg.max_batches > 0 else batches
+    total, n_pos = 0.0, 0
+    bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, unit="batch", disable=run.rank != 0, mininterval=2)
+    for gb in bar:
+        counts = (cloze[gb].sum() if bert else (data.tr_len[gb]).sum())
+        rows = gb[run.rank::run.world]  # DistributedSampler-style stride over the global batch
+        loss = step_loss(run, rows, cloze, negatives, norm)
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        run.opt.step()
+        total += loss.item() * norm / run.world
+        n_pos += int(counts)
+        bar.set_postfix(loss=f"{total / max(n_pos, 1):.4f}", refresh=False)
+    if run.world > 1:
+        t_loss = torch.tensor([total], dtype=torch.float64, device=run.device)
+        dist.all_reduce(t_loss)
+        total = float(t_loss)
+    dt = time.perf_counter() - t0
+    n_seq = sum(len(b) for b in batches)
+    # CPU seconds of this process (all threads) beside wall seconds: on a shared machine wall time measures the load
+    return {"epoch": epoch, "loss": total / max(n_pos, 1), "train_seconds": dt, "seq_per_s": n_seq / dt,
+            "train_cpu_seconds": time.process_time() - c0}, n_seq
+
+
+def validate(run: Run, p: Progress, row: dict) -> None:
+    """Validation metrics into `row`; a better NDCG@10 on the --select protocol keeps the epoch's weights (and writes
+    model.pt, so a crash loses nothing), else counts towards --patience."""
+    cfg, epoch = run.cfg, row["epoch"]
+    te = time.perf_counter()
+    rf, rs = evaluate(run.model, *run.data.valid, cfg, run.device, cfg.backbone == "bert4rec", run.rank, run.world)
+    row["valid"] = protocol_metrics(rf, rs)
+    row["eval_seconds"] = time.perf_counter() - te
+    sel = SELECT[cfg.select]
+    score = row["valid"][sel]["NDCG@10"]
+    if score > p.best:
+        p.best, p.best_epoch, p.bad = score, epoch, 0
+        p.best_state = copy.deepcopy(run.model.state_dict())
+        if run.rank == 0:
+            save_checkpoint(run.out_dir / "model.pt", run.model, cfg, run.ds, run.views, p.best_epoch)
+    else:
+        p.bad += 1
+    log.info(f"epoch {epoch:3d} loss {row['loss']:.4f} valid {cfg.select} NDCG@10 {score:.4f} HR@10 "
+             f"{row['valid'][sel]['HR@10']:.4f} (best {p.best:.4f} @ {p.best_epoch}) | {row['seq_per_s']:.0f} seq/s, "
+             f"train {row['train_seconds']:.1f}s, eval {len(run.data.valid[1]) / row['eval_seconds']:.0f} users/s")
+
+
+def fit(run: Run, p: Progress, start: int, stop: dict) -> str | None:
+    """Epochs from `start` until --epochs, --patience or a signal; returns the name of the signal that stopped it."""
+    cfg = run.cfg
+    for epoch in range(start, cfg.epochs + 1 if p.bad < cfg.patience else start):
+        row, n_seq = train_epoch(run, epoch)
+        p.train_seconds += row["train_seconds"]
+        p.sequences_seen += n_seq
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            validate(run, p, row)
+        else:
+            log.info(f"epoch {epoch:3d} loss {row['loss']:.4f} | {row['seq_per_s']:.0f} seq/s, "
+                     f"train {row['train_seconds']:.1f}s")
+        p.curve.append(row)
+        stopping = agreed_signal(run, stop["signal"])
+        if cfg.checkpoint_every > 0 and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs
+                                         or p.bad >= cfg.patience or stopping):
+            save_resume(run.out_dir / "last.pt", {
+                "epoch": epoch, "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "best": p.best,
+                "best_epoch": p.best_epoch, "bad": p.bad, "best_state": p.best_state, "curve": p.curve,
+                "train_seconds": p.train_seconds, "sequences_seen": p.sequences_seen,
+                "resumed_after": p.resumed_after}, cfg, run.ds, run.device, run.rank, run.world)
+        if p.bad >= cfg.patience:
+            log.info(f"no validation improvement in {cfg.patience} evaluations: stopping")
+            return None
+        if stopping and p.best_state is not None:
+            log.warning(f"{stopping}: stopping after epoch {epoch}; testing the best epoch so far")
+            return stopping
+    return None
+
+
+def catch_stop_signals() -> dict:
+    """SIGINT / SIGTERM end training after the current epoch, which is checkpointed; the best weights so far are then
+    tested and written. The returned dict's "signal" names the signal once one came."""
+    stop = {"signal": None}
+
+    def on_signal(num, _frame):
+        stop["signal"] = signal.Signals(num).name
+        if num == signal.SIGINT:  # a second Ctrl-C kills at once; a second SIGTERM is torchrun relaying the scheduler's
+            signal.signal(num, signal.SIG_DFL)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    return stop
+
+
+def agreed_signal(run: Run, stopping: str | None) -> str | None:
+    """A signal may reach the ranks in different epochs: all stop after the same one. (Decided from the reduced value
+    alone: a handler that runs while this rank waits in all_reduce counts next epoch.)"""
+    if run.world == 1:
+        return stopping
+    sig = torch.tensor([signal.Signals[stopping].value if stopping else 0], device=run.device)
+    dist.all_reduce(sig, op=dist.ReduceOp.MAX)
+    return signal.Signals(int(sig)).name if int(sig) else None
+
+
+def resume_progress(run: Run) -> tuple[Progress, int]:
+    """The progress to continue from and the first epoch to run: from last.pt under --resume, else a fresh start."""
+    last = run.out_dir / "last.pt"
+    p, start = Progress(), 1
+    ck = load_resume(last, run.cfg, run.ds, run.world) if run.cfg.resume else None
+    if ck is not None:  # the epochs' own streams come from (seed, epoch): the state below is all a resumed run needs
+        run.model.load_state_dict(ck["model"])
+        run.opt.load_state_dict(ck["optimizer"])
+        p = Progress(ck["curve"], ck["best"], ck["best_epoch"], ck["best_state"], ck["bad"], ck["train_seconds"],
+                     ck["sequences_seen"], ck["resumed_after"] + [ck["epoch"]])
+        start = ck["epoch"] + 1
+        set_rng_state(ck["rng"][run.rank], run.device)
+        log.info(f"resumed {last} after epoch {ck['epoch']} (best {p.best:.4f} @ {p.best_epoch})")
+    if run.rank == 0:  # the leftovers of a write killed half-way
+        for tmp in run.out_dir.glob(".last.pt.tmp*"):
+            tmp.unlink(missing_ok=True)
+    return p, start
+
+
+def final_test(run: Run, p: Progress, sem, mode: str, fused_path, stopped_by) -> dict:
+    """Test metrics of the loaded (best-epoch) model, the content match, and results.json (rank 0 writes it)."""
+    cfg, data, device, bert = run.cfg, run.data, run.device, run.cfg.backbone == "bert4rec"
+    test_hist, test_tgt, negs = data.test
+    rf, rs = evaluate(run.model, test_hist, test_tgt, negs, cfg, device, bert, run.rank, run.world)
+    test = protocol_metrics(rf, rs)
+    test["groups"] = group_metrics(rf, rs, data.train_seqs, data.eval_users, test_hist, test_tgt, run.ds.n_items, cfg)
+    content = None
+    if sem is not None and cfg.content_grid and run.rank == 0:
+        content = content_match(run.model, sem, run.ds, data.train_seqs, data.eval_users, data.valid, data.test, cfg,
+                                device, bert)
+    results = {
+        "config": asdict(cfg), "backbone": cfg.backbone, "loss": cfg.loss, "views": mode, "seed": cfg.seed,
+        "fused": str(fused_path) if fused_path else None,
+        "dataset": {"path": str(Path(cfg.data).resolve()), "fingerprint": run.ds.fingerprint,
+                    "report": run.ds.report},
+        "protocol": protocol_text(cfg, run.ds.n_items, data.n_neg),
+        "world_size": run.world, "epochs_run": len(p.curve), "best_epoch": p.best_epoch, "interrupted_by": stopped_by,
+        "resumed_after_epochs": p.resumed_after,
+        "valid": next(r["valid"] for r in p.curve if r["epoch"] == p.best_epoch), "test": test,
+        "content_match": content, "curve": p.curve,
+        "train_seconds": p.train_seconds, "sequences_per_second": p.sequences_seen / max(p.train_seconds, 1e-9),
+        "peak_memory_mb": peak_memory_mb(device),
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu, {torch.get_num_threads()} threads"),
+    }
+    if run.rank == 0:
+        save_checkpoint(run.out_dir / "model.pt", run.model, cfg, run.ds, run.views, p.best_epoch)
+        common.write_text_atomic(run.out_dir / "results.json", [json.dumps(results, indent=1)])
+        t, s = test["full"], test["sampled100"]
+        log.info(f"test (best epoch {p.best_epoch}): full NDCG@10 {t['NDCG@10']:.4f} HR@10 {t['HR@10']:.4f} | "
+                 f"sampled-{data.n_neg} NDCG@10 {s['NDCG@10']:.4f} HR@10 {s['HR@10']:.4f} "
+                 f"-> {run.out_dir}/results.json")
+    return results
+
+
+def protocol_text(cfg: Config, N: int, n_neg: int) -> dict:
+    """results.json's statement of how the numbers were measured."""
+    return {"split": "leave-one-out (last item test, second-to-last validation)",
+            "full": f"rank among all {N} items (padding excluded), ties counted against the target",
+            "sampled100": f"rank among the target + {n_neg} uniform negatives the user never interacted with, drawn "
+                          f"once with seed {cfg.eval_seed} (validation: none of the items up to the validation target)",
+            "selection": f"early stopping and best epoch on validation NDCG@10 ({SELECT[cfg.select]}); "
+                         "test evaluated once"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# ALGO: evaluation (one ranking function, one metrics function)
+# ALGO LOGIC: evaluation (one ranking function, one metrics function), groups and the content match
 # ----------------------------------------------------------------------------------------------------------------------
 
 KS = (5, 10, 20)
@@ -590,8 +916,8 @@ def rank_metrics(ranks) -> dict:
 
 
 def count_at_least(s, t) -> torch.Tensor:
-    """#{j: s[b, j] >= t[b]} per row, overwriting s. Comparing into a float buffer and summing it is ~10x faster on
-    CPU than summing a bool tensor, and exact: 0/1 counts stay integers in float32 up to 2^24 items per chunk."""
+    """#{j: s[b, j] >= t[b]} per row, overwriting s. Comparing into a float buffer and summing it is faster on CPU
+    than summing a bool tensor, and exact: 0/1 counts stay integers in float32 up to 2^24 items per chunk."""
     return torch.ge(s, t, out=s).sum(1, dtype=torch.float64 if s.shape[1] >= 2 ** 24 else None).long()
 
 
@@ -604,11 +930,11 @@ def full_ranks(h, table, target, chunk: int = 0) -> torch.Tensor:
     """
     N = table.shape[0]
     if chunk <= 0 or chunk >= N:
-        s = h @ table.T
+        s = Recommender.score(h, table)
         return count_at_least(s, s.gather(1, target[:, None] - 1))  # includes the target itself: the "1 +"
     pad = table.new_zeros(chunk, table.shape[1])
     rows = torch.arange(len(h), device=h.device)
-    s = torch.empty(len(h), chunk, dtype=h.dtype, device=h.device)  # one buffer: fresh pages per chunk cost more than the matmul
+    s = torch.empty(len(h), chunk, dtype=h.dtype, device=h.device)  # one buffer: fresh pages cost more than the matmul
     t = torch.empty(len(h), 1, dtype=h.dtype, device=h.device)
     for g in range(0, len(h), chunk):  # target scores: the targets of `chunk` rows laid out as one chunk
         tv = torch.cat([table[target[g:g + chunk] - 1], pad])[:chunk]
@@ -676,6 +1002,26 @@ def evaluate(model, hist, target, negs, cfg, device, bert: bool, rank=0, world=1
     return rf, rs
 
 
+def protocol_metrics(rf, rs) -> dict:
+    return {"full": rank_metrics(rf), "sampled100": rank_metrics(rs)}
+
+
+def group_metrics(rf, rs, train_seqs, eval_users, hist, target, N, cfg) -> dict:
+    """Long-tail groups: tail vs head target items (training popularity), short vs long users (history length)."""
+    pop = np.bincount(np.concatenate(train_seqs), minlength=N + 1)[1:]
+    n_head = max(1, int(round(cfg.head_frac * N)))
+    head = np.zeros(N + 1, dtype=bool)
+    head[1 + np.argsort(-pop, kind="stable")[:n_head]] = True
+    hl = (hist != 0).sum(1)
+    short_len = cfg.short_len or int(np.median(hl))
+    groups = {"head_items": head[target], "tail_items": ~head[target], "short_users": hl <= short_len,
+              "long_users": hl > short_len}
+    out = {g: {"users": int(m.sum()), **protocol_metrics(rf[m], rs[m])} for g, m in groups.items()}
+    out["definition"] = {"head_items": f"top {cfg.head_frac:.0%} of items by training interactions ({n_head})",
+                         "short_users": f"test history of at most {short_len} items"}
+    return out
+
+
 @torch.no_grad()
 def content_match_ranks(model, hist, seen, target, negs, text, gammas, cfg, device, bert) -> dict:
     """Ranks under the training-free content-match term (EVIDENCE.md lever 5): score_j + gamma * cos(t_j, t_last),
@@ -693,7 +1039,7 @@ def content_match_ranks(model, hist, seen, target, negs, text, gammas, cfg, devi
         c = F.pad(text[torch.from_numpy(hist[idx, -1]).to(device) - 1] @ text.T, (1, 0))  # column 0 = padding
         only = c.scatter(1, own, float("-inf"))[:, 1:]
         c = c.scatter_(1, own, 0.0)[:, 1:]
-        s_model, buf = h @ table.T, torch.empty_like(c)
+        s_model, buf = Recommender.score(h, table), torch.empty_like(c)
         for g in out:
             s = only if g == "content_only" else torch.add(s_model, c, alpha=g, out=buf)
             sc = s.gather(1, cand)
@@ -701,339 +1047,6 @@ def content_match_ranks(model, hist, seen, target, negs, text, gammas, cfg, devi
             out[g][0][idx] = count_at_least(s, sc[:, :1].clone()).cpu().numpy()  # overwrites s: last use
     model.train(was)
     return out
-
-
-def protocol_metrics(rf, rs) -> dict:
-    return {"full": rank_metrics(rf), "sampled100": rank_metrics(rs)}
-
-
-# --select picks the protocol whose validation NDCG@10 chooses the epoch. bce defaults to sampled-100, the protocol its
-# paper family reports it on: its full-ranking validation NDCG@10 is a flat, noisy plateau (Beauty: 0.025-0.029 from
-# epoch ~50, while sampled validation keeps rising to epoch 200), so patience on it stops at a chance epoch (README).
-SELECT = {"full": "full", "sampled": "sampled100"}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Plumbing: run setup (views, distributed), checkpointing
-# ----------------------------------------------------------------------------------------------------------------------
-
-def resolve_views(cfg: Config) -> tuple[list[str], Path | None, str]:
-    """The views to build, the fused file they come from (None for the plain backbone), and the mode's name."""
-    data = Path(cfg.data)
-    fused_path = Path(cfg.fused) if cfg.fused else data / "fused.pt"
-    mode = cfg.views if cfg.views != "auto" else ("dual" if fused_path.is_file() else "id")
-    views = {"id": ["id"], "dual": ["A", "B"], "A": ["A"], "B": ["B"]}.get(mode)
-    if views is None:
-        raise SystemExit(f"--views {cfg.views!r}: expected auto, id, dual, A or B")
-    if cfg.backbone not in ("sasrec", "gru4rec", "bert4rec"):
-        raise SystemExit(f"--backbone {cfg.backbone!r}: expected sasrec, gru4rec or bert4rec")
-    if cfg.loss not in ("ce", "bce"):
-        raise SystemExit(f"--loss {cfg.loss!r}: expected ce or bce")
-    if cfg.select not in ("full", "sampled"):
-        raise SystemExit(f"--select {cfg.select!r}: expected auto, full or sampled")
-    if cfg.train_items not in ("all", "seen"):
-        raise SystemExit(f"--train-items {cfg.train_items!r}: expected all or seen")
-    if cfg.semantic not in ("fused", "raw", "both") or cfg.id_init not in ("random", "pca"):
-        raise SystemExit(f"--semantic {cfg.semantic!r} / --id-init {cfg.id_init!r}: expected fused|raw|both / "
-                         "random|pca")
-    bad = {v.strip() for v in cfg.id_free.split(",") if v.strip()} - {"A", "B"}
-    if bad:
-        raise SystemExit(f"--id-free {cfg.id_free!r}: expected a comma-separated subset of A, B")
-    if cfg.finetune_fusion and (cfg.semantic != "fused" or cfg.whiten):
-        raise SystemExit("--finetune-fusion trains stage 3's module, whose outputs change as it trains: it goes "
-                         "with --semantic fused and --no-whiten (whitening is fitted once, on frozen tables)")
-    if cfg.hidden % cfg.heads:
-        raise SystemExit(f"--hidden {cfg.hidden} must be divisible by --heads {cfg.heads}")
-    return views, (fused_path if views != ["id"] else None), mode
-
-
-def load_fused(path: Path, ds: common.Dataset) -> dict:
-    fused = common.load_artifact(path, "fused", fingerprint=ds.fingerprint)
-    if list(fused["item_ids"]) != ds.item_ids:
-        raise common.ArtifactError(f"{path}: item_ids differ from {ds.root}/items.jsonl; rerun stages 1-3")
-    for k in ("h_A", "h_B"):
-        if tuple(fused[k].shape[:1]) != (ds.n_items,):
-            raise common.ArtifactError(f"{path}: field '{k}' has shape {tuple(fused[k].shape)}, expected "
-                                       f"[{ds.n_items}, d]")
-    return fused
-
-
-def load_semantics(path: Path, ds: common.Dataset) -> dict:
-    sem = common.load_artifact(path, "semantics", fingerprint=ds.fingerprint)
-    if list(sem["item_ids"]) != ds.item_ids:
-        raise common.ArtifactError(f"{path}: item_ids differ from {ds.root}/items.jsonl; rerun stage 1")
-    return sem
-
-
-def peak_memory_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def train(cfg: Config) -> dict:
-    # ---- distributed plumbing: torchrun sets these; a plain run is world 1 and takes no collective call ----
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = common.pick_device(cfg.device)
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if rank != 0:
-            log.setLevel("WARNING")
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    common.seed_everything(cfg.seed)
-
-    views, fused_path, mode = resolve_views(cfg)
-    ds = common.load_dataset(cfg.data, check_images=False)
-    fused = load_fused(fused_path, ds) if fused_path and cfg.semantic != "raw" else None
-    sem_path = Path(cfg.semantics) if cfg.semantics else Path(cfg.data) / "semantics.pt"
-    need_sem = fused_path is not None and cfg.semantic != "fused"
-    sem = load_semantics(sem_path, ds) if need_sem or (cfg.content_grid and sem_path.is_file()) else None
-    name = cfg.name or f"{cfg.backbone}_{cfg.loss}_{mode}_s{cfg.seed}"
-    out_dir = Path(cfg.data) / "runs" / name
-    log.info(f"dataset {cfg.data}: {ds.report} fingerprint {ds.fingerprint}; views {mode} {views}"
-             + (f" from {fused_path if cfg.semantic == 'fused' else sem_path}" if fused_path else "")
-             + f" ({cfg.semantic}); world {world}, device {device}")
-    common.log_config(cfg)
-
-    # ---- data (plumbing) ----
-    N, bert = ds.n_items, cfg.backbone == "bert4rec"
-    train_seqs, eval_users = ds.split()
-    L = cfg.max_len
-    if bert:  # cloze: every training sequence is input and target at once
-        tr, tr_len = right_aligned(train_seqs, L)
-    else:  # next item: input = items[:-1], target = items[1:]
-        tr, tr_len = right_aligned(train_seqs, L + 1)
-        tr_len = tr_len - 1
-    keep = tr_len >= 1  # users with something to predict
-    tr, tr_len, tr_users = tr[keep], tr_len[keep], np.flatnonzero(keep)
-    keys = user_item_keys(train_seqs, N)  # bce negatives avoid the user's training items
-    hist_len = L - 1 if bert else L
-    val_hist, _ = right_aligned([train_seqs[u] for u in eval_users], hist_len)
-    val_tgt = np.array([ds.seqs[u][-2] for u in eval_users], dtype=np.int64)
-    # test inputs/targets are built here but read only once, after training, by the best-epoch model
-    test_hist, _ = right_aligned([ds.seqs[u][:-1] for u in eval_users], hist_len)
-    test_tgt = np.array([ds.seqs[u][-1] for u in eval_users], dtype=np.int64)
-    n_neg = min(cfg.n_neg, N - max((len(np.unique(ds.seqs[u])) for u in eval_users), default=0))
-    # validation negatives avoid the user's items up to the validation target, test negatives all of them: drawn from
-    # one seeded stream they differ only where a draw hit the test item, and nothing in model selection depends on test
-    val_negs = sample_eval_negatives([ds.seqs[u][:-1] for u in eval_users], N, n_neg, cfg.eval_seed)
-    negs = sample_eval_negatives([ds.seqs[u] for u in eval_users], N, n_neg, cfg.eval_seed)
-    if n_neg < cfg.n_neg:
-        log.warning(f"only {n_neg} negatives per user fit this catalogue (asked {cfg.n_neg})")
-
-    # ---- model and optimiser ----
-    pop = np.bincount(np.concatenate(train_seqs), minlength=N + 1)[1:]  # training interactions only
-    model = Recommender(cfg, N, views, fused, sem, pop).to(device)
-    # the items the loss ranks (1-based ids) and, for ce, each id's row in that smaller table; None = every item
-    scored = np.flatnonzero(pop > 0) + 1 if cfg.train_items == "seen" and (pop == 0).any() else None
-    if scored is not None:
-        row_of = torch.zeros(N + 1, dtype=torch.long, device=device)
-        row_of[torch.from_numpy(scored).to(device)] = torch.arange(1, len(scored) + 1, device=device)
-        log.info(f"--train-items seen: the loss ranks the {len(scored)} items seen in training ({N - len(scored)} "
-                 "never seen there are still ranked in evaluation)")
-
-    def draw(rng, size):  # uniform negatives among the items the loss ranks
-        return rng.integers(1, N + 1, size=size) if scored is None else scored[rng.integers(0, len(scored), size=size)]
-    ddp = model if world == 1 else nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
-    log.info(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; {len(tr)} training sequences, "
-             f"{len(eval_users)} evaluation users, {n_neg} sampled negatives each")
-    if cfg.batch_size < world:
-        raise SystemExit(f"--batch-size {cfg.batch_size} is smaller than the number of ranks {world}")
-
-    def step_loss(rows: np.ndarray, norm: float) -> torch.Tensor:
-        """Loss summed over this rank's rows of the global batch, divided by `norm` (the epoch's mean number of
-        predicted positions per global batch) and multiplied by the world size, so that DDP's gradient average
-        equals the single-process gradient of the whole batch."""
-        Lb = int(tr_len[rows].max()) if len(rows) else 1
-        x = torch.from_numpy(tr[rows][:, -(Lb + (0 if bert else 1)):]).to(device)
-        need_all = cfg.loss == "ce" or model.items.fusion is None  # cheap unless the fusion module is fine-tuned
-        if bert:
-            m = torch.from_numpy(cloze[rows][:, -Lb:]).to(device)
-            inp, tgt, pos = x.masked_fill(m, N + 1), x, m
-        else:
-            inp, tgt = x[:, :-1], x[:, 1:]
-            pos = inp != 0
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-            h, vecs = ddp(inp, need_all)
-        if cfg.amp:  # softmax over thousands of items in bf16 loses the small probabilities: loss in float32
-            h, vecs = h.float(), (vecs.float() if vecs is not None else None)
-        h, t = h[pos], tgt[pos]  # only non-padding (or masked) positions reach the output layer
-        if cfg.loss == "ce":
-            table = model.table(vecs)
-            if scored is not None:
-                table, t = table[torch.from_numpy(scored - 1).to(device)], row_of[t]
-            loss = ce_loss_sum(h, table, t, cfg.ce_chunk)
-        else:
-            neg = torch.from_numpy(negatives[rows][:, -Lb:]).to(device)[pos]
-            loss = bce_loss_sum(h, model, t, neg, vecs)
-        return loss * (world / norm)
-
-    # ---- training loop ----
-    # SIGINT / SIGTERM end training after the current epoch, which is checkpointed; the best weights so far are then
-    # tested and written
-    stop = {"signal": None}
-
-    def on_signal(num, _frame):
-        stop["signal"] = signal.Signals(num).name
-        if num == signal.SIGINT:  # a second Ctrl-C kills at once; a second SIGTERM is torchrun relaying the scheduler's
-            signal.signal(num, signal.SIG_DFL)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
-    sel = SELECT[cfg.select]  # the validation protocol that picks the epoch
-    curve, best, best_epoch, best_state, bad = [], -1.0, 0, None, 0
-    train_s, seqs_seen, resumed, start, stopped_by = 0.0, 0, [], 1, None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    last = out_dir / "last.pt"
-    ck = load_resume(last, cfg, ds, world) if cfg.resume else None
-    if ck is not None:  # the epochs' own streams come from (seed, epoch): the state below is all a resumed run needs
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        curve, best_state, train_s, seqs_seen = ck["curve"], ck["best_state"], ck["train_seconds"], ck["sequences_seen"]
-        best, best_epoch, bad = ck["best"], ck["best_epoch"], ck["bad"]
-        start, resumed = ck["epoch"] + 1, ck["resumed_after"] + [ck["epoch"]]
-        set_rng_state(ck["rng"][rank], device)
-        log.info(f"resumed {last} after epoch {ck['epoch']} (best {best:.4f} @ {best_epoch})")
-    if rank == 0:  # the leftovers of a write killed half-way
-        for tmp in out_dir.glob(".last.pt.tmp*"):
-            tmp.unlink(missing_ok=True)
-    for epoch in range(start, cfg.epochs + 1 if bad < cfg.patience else start):
-        rng = np.random.default_rng([cfg.seed, epoch])  # the same stream on every rank: same global batches
-        t0, c0 = time.perf_counter(), time.process_time()
-        ddp.train()
-        # per-epoch randomness drawn for all sequences at once (vectorised): cloze masks and bce negatives
-        width = tr.shape[1] - (0 if bert else 1)
-        valid_pos = (tr[:, -width:] != 0) if bert else (tr[:, :-1] != 0)
-        if bert:
-            cloze = (rng.random(tr.shape) < cfg.mask_prob) & valid_pos
-            cloze[~cloze.any(1), -1] = True  # at least one prediction per sequence: the last item
-        if cfg.loss == "bce":
-            negatives = draw(rng, (len(tr), width))
-            for _ in range(10):  # resample the few draws that hit one of the user's own items
-                hit = membership(tr_users, negatives, keys, N) & valid_pos
-                if not hit.any():
-                    break
-                negatives[hit] = draw(rng, int(hit.sum()))
-        batches = batch_order(tr_len, cfg.batch_size, rng, cfg.bucket)
-        # One constant divisor per epoch, not each batch's own position count: bucketed batches hold similar lengths,
-        # so a per-batch mean would weight a position in a batch of short histories up to 10x more than one in a batch
-        # of long ones. Measured on Beauty (SASRec ce, seed 42): validation NDCG@10 plateaued at 0.041 with the
-        # per-batch mean (test 0.0349) and reaches 0.049 with this (test 0.0398), like unbucketed batches (0.049 at
-        # epoch 41) but at the bucketed speed.
-        norm = max(float(cloze.sum() if bert else tr_len.sum()) / len(batches), 1.0)
-        batches = batches[:cfg.max_batches] if cfg.max_batches > 0 else batches
-        total, n_pos = 0.0, 0
-        bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, unit="batch", disable=rank != 0, mininterval=2)
-        for gb in bar:
-            counts = (cloze[gb].sum() if bert else (tr_len[gb]).sum())
-            rows = gb[rank::world]  # DistributedSampler-style stride over the global batch
-            loss = step_loss(rows, norm)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * norm / world
-            n_pos += int(counts)
-            bar.set_postfix(loss=f"{total / max(n_pos, 1):.4f}", refresh=False)
-        if world > 1:
-            t_loss = torch.tensor([total], dtype=torch.float64, device=device)
-            dist.all_reduce(t_loss)
-            total = float(t_loss)
-        dt = time.perf_counter() - t0
-        train_s += dt
-        n_seq = sum(len(b) for b in batches)
-        seqs_seen += n_seq
-        # CPU seconds of this process (all threads) beside wall seconds: on a shared machine wall time measures the load
-        row = {"epoch": epoch, "loss": total / max(n_pos, 1), "train_seconds": dt, "seq_per_s": n_seq / dt,
-               "train_cpu_seconds": time.process_time() - c0}
-        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            te = time.perf_counter()
-            rf, rs = evaluate(model, val_hist, val_tgt, val_negs, cfg, device, bert, rank, world)
-            row["valid"] = protocol_metrics(rf, rs)
-            row["eval_seconds"] = time.perf_counter() - te
-            score = row["valid"][sel]["NDCG@10"]
-            if score > best:
-                best, best_epoch, bad = score, epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
-                if rank == 0:
-                    save_checkpoint(out_dir / "model.pt", model, cfg, ds, views, best_epoch)
-            else:
-                bad += 1
-            log.info(f"epoch {epoch:3d} loss {row['loss']:.4f} valid {cfg.select} NDCG@10 {score:.4f} HR@10 "
-                     f"{row['valid'][sel]['HR@10']:.4f} (best {best:.4f} @ {best_epoch}) | "
-                     f"{row['seq_per_s']:.0f} seq/s, train {dt:.1f}s, eval {len(val_tgt) / row['eval_seconds']:.0f} users/s")
-        else:
-            log.info(f"epoch {epoch:3d} loss {row['loss']:.4f} | {row['seq_per_s']:.0f} seq/s, train {dt:.1f}s")
-        curve.append(row)
-        stopping = stop["signal"]
-        if world > 1:  # a signal may reach the ranks in different epochs: all stop after the same one. (Decided from
-            # the reduced value alone: a handler that runs while this rank waits in all_reduce counts next epoch.)
-            sig = torch.tensor([signal.Signals[stopping].value if stopping else 0], device=device)
-            dist.all_reduce(sig, op=dist.ReduceOp.MAX)
-            stopping = signal.Signals(int(sig)).name if int(sig) else None
-        if cfg.checkpoint_every > 0 and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs or bad >= cfg.patience
-                                         or stopping):
-            save_resume(last, {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                               "best": best, "best_epoch": best_epoch, "bad": bad, "best_state": best_state,
-                               "curve": curve, "train_seconds": train_s, "sequences_seen": seqs_seen,
-                               "resumed_after": resumed}, cfg, ds, device, rank, world)
-        if bad >= cfg.patience:
-            log.info(f"no validation improvement in {cfg.patience} evaluations: stopping")
-            break
-        if stopping and best_state is not None:
-            log.warning(f"{stopping}: stopping after epoch {epoch}; testing the best epoch so far")
-            stopped_by = stopping
-            break
-
-    # ---- test, once, with the best-epoch weights ----
-    model.load_state_dict(best_state)
-    rf, rs = evaluate(model, test_hist, test_tgt, negs, cfg, device, bert, rank, world)
-    test = protocol_metrics(rf, rs)
-    test["groups"] = group_metrics(rf, rs, train_seqs, eval_users, test_hist, test_tgt, N, cfg)
-    content = None
-    if sem is not None and cfg.content_grid and rank == 0:
-        content = content_match(model, sem, ds, train_seqs, eval_users, (val_hist, val_tgt, val_negs),
-                                (test_hist, test_tgt, negs), cfg, device, bert)
-    results = {
-        "config": asdict(cfg), "backbone": cfg.backbone, "loss": cfg.loss, "views": mode, "seed": cfg.seed,
-        "fused": str(fused_path) if fused_path else None,
-        "dataset": {"path": str(Path(cfg.data).resolve()), "fingerprint": ds.fingerprint, "report": ds.report},
-        "protocol": {"split": "leave-one-out (last item test, second-to-last validation)",
-                     "full": f"rank among all {N} items (padding excluded), ties counted against the target",
-                     "sampled100": f"rank among the target + {n_neg} uniform negatives the user never interacted "
-                                   f"with, drawn once with seed {cfg.eval_seed} (validation: none of the items up "
-                                   "to the validation target)",
-                     "selection": f"early stopping and best epoch on validation NDCG@10 ({sel}); "
-                                  "test evaluated once"},
-        "world_size": world, "epochs_run": len(curve), "best_epoch": best_epoch, "interrupted_by": stopped_by,
-        "resumed_after_epochs": resumed,
-        "valid": next(r["valid"] for r in curve if r["epoch"] == best_epoch), "test": test,
-        "content_match": content, "curve": curve,
-        "train_seconds": train_s, "sequences_per_second": seqs_seen / max(train_s, 1e-9),
-        "peak_memory_mb": peak_memory_mb(device),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads",
-    }
-    if rank == 0:
-        save_checkpoint(out_dir / "model.pt", model, cfg, ds, views, best_epoch)
-        tmp = out_dir / ".results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, out_dir / "results.json")
-        t = test["full"]
-        log.info(f"test (best epoch {best_epoch}): full NDCG@10 {t['NDCG@10']:.4f} HR@10 {t['HR@10']:.4f} | "
-                 f"sampled-{n_neg} NDCG@10 {test['sampled100']['NDCG@10']:.4f} HR@10 "
-                 f"{test['sampled100']['HR@10']:.4f} -> {out_dir}/results.json")
-    if world > 1:
-        # DDP's reducer holds the process group and sits in a reference cycle: left to the interpreter's exit, gloo
-        # tears down there and aborts the rank (SIGABRT after results.json was written). Free it before the group.
-        del ddp
-        gc.collect()
-        dist.destroy_process_group()
-    return results
 
 
 def content_match(model, sem, ds, train_seqs, eval_users, valid, test, cfg, device, bert) -> dict:
@@ -1067,20 +1080,128 @@ def content_match(model, sem, ds, train_seqs, eval_users, valid, test, cfg, devi
     return res
 
 
-def group_metrics(rf, rs, train_seqs, eval_users, hist, target, N, cfg) -> dict:
-    """Long-tail groups: tail vs head target items (training popularity), short vs long users (history length)."""
-    pop = np.bincount(np.concatenate(train_seqs), minlength=N + 1)[1:]
-    n_head = max(1, int(round(cfg.head_frac * N)))
-    head = np.zeros(N + 1, dtype=bool)
-    head[1 + np.argsort(-pop, kind="stable")[:n_head]] = True
-    hl = (hist != 0).sum(1)
-    short_len = cfg.short_len or int(np.median(hl))
-    groups = {"head_items": head[target], "tail_items": ~head[target], "short_users": hl <= short_len,
-              "long_users": hl > short_len}
-    out = {g: {"users": int(m.sum()), **protocol_metrics(rf[m], rs[m])} for g, m in groups.items()}
-    out["definition"] = {"head_items": f"top {cfg.head_frac:.0%} of items by training interactions ({n_head})",
-                         "short_users": f"test history of at most {short_len} items"}
+# ----------------------------------------------------------------------------------------------------------------------
+# Plumbing: data helpers. Right-aligned padded matrices, batches, negatives, all built with numpy
+# ----------------------------------------------------------------------------------------------------------------------
+
+def right_aligned(seqs: list[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """[U, length] int64 with each sequence's last `length` items at the right end (0 = padding), and the lengths.
+
+    Right alignment keeps the most recent item in the last column, so trimming a batch to its longest sequence
+    (dropping leading all-padding columns) changes nothing the model computes.
+    """
+    lens = np.fromiter((min(len(s), length) for s in seqs), dtype=np.int64, count=len(seqs))
+    out = np.zeros((len(seqs), length), dtype=np.int64)
+    flat = np.concatenate([s[len(s) - n:] for s, n in zip(seqs, lens)]) if len(seqs) else np.zeros(0, np.int64)
+    rows = np.repeat(np.arange(len(seqs)), lens)
+    cols = length - lens[rows] + (np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens))
+    out[rows, cols] = flat
+    return out, lens
+
+
+def membership(user_rows: np.ndarray, items: np.ndarray, keys: np.ndarray, n_items: int) -> np.ndarray:
+    """True where items[r, j] belongs to user user_rows[r]; `keys` = sorted user * (n_items + 1) + item."""
+    q = user_rows.reshape(-1, *([1] * (items.ndim - 1))) * (n_items + 1) + items
+    pos = np.searchsorted(keys, q).clip(max=len(keys) - 1)
+    return keys[pos] == q
+
+
+def user_item_keys(seqs: list[np.ndarray], n_items: int) -> np.ndarray:
+    lens = np.array([len(s) for s in seqs])
+    return np.unique(np.repeat(np.arange(len(seqs)), lens) * (n_items + 1) + np.concatenate(seqs))
+
+
+def sample_eval_negatives(seqs: list[np.ndarray], n_items: int, n: int, seed: int) -> np.ndarray:
+    """[U, n] distinct negatives per user, uniform over the items the user never interacted with (fixed seed).
+
+    Vectorised rejection sampling: draw with replacement, drop the user's items and repeats (keeping the first
+    occurrence, so the survivors stay a uniform sample without replacement), redraw the rows left short.
+    """
+    rng = np.random.default_rng(seed)
+    keys = user_item_keys(seqs, n_items)
+    out = np.zeros((len(seqs), n), dtype=np.int64)
+    todo, extra = np.arange(len(seqs)), 2 * n + 16
+    while len(todo):
+        cand = rng.integers(1, n_items + 1, size=(len(todo), n + extra))
+        bad = membership(todo, cand, keys, n_items)
+        order = np.argsort(cand, axis=1, kind="stable")
+        srt = np.take_along_axis(cand, order, 1)
+        dup_sorted = np.zeros_like(bad)
+        dup_sorted[:, 1:] = srt[:, 1:] == srt[:, :-1]
+        dup = np.zeros_like(bad)
+        np.put_along_axis(dup, order, dup_sorted, 1)
+        ok = ~bad & ~dup
+        done = ok.sum(1) >= n
+        first = np.argsort(~ok[done], axis=1, kind="stable")[:, :n]  # first n survivors in draw order
+        out[todo[done]] = np.take_along_axis(cand[done], first, 1)
+        todo, extra = todo[~done], extra * 2
     return out
+
+
+def batch_order(lens: np.ndarray, batch_size: int, rng: np.random.Generator, bucket: bool) -> list[np.ndarray]:
+    """One epoch of (global) batches of row indices. Bucketing sorts 50-batch windows of a random permutation by
+    length, so batches hold similar lengths and trimming removes most padding, then shuffles the batches."""
+    perm = rng.permutation(len(lens))
+    if bucket:
+        w = 50 * batch_size
+        perm = np.concatenate([p[np.argsort(lens[p], kind="stable")] for p in np.split(perm, range(w, len(perm), w))])
+    batches = np.split(perm, range(batch_size, len(perm), batch_size))
+    if bucket:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Plumbing: run setup (views, artifacts), checkpoints, resuming from DATA/runs/<name>/last.pt
+# ----------------------------------------------------------------------------------------------------------------------
+
+def resolve_views(cfg: Config) -> tuple[list[str], Path | None, str]:
+    """The views to build, the fused file they come from (None for the plain backbone), and the mode's name."""
+    data = Path(cfg.data)
+    fused_path = Path(cfg.fused) if cfg.fused else data / "fused.pt"
+    mode = cfg.views if cfg.views != "auto" else ("dual" if fused_path.is_file() else "id")
+    views = {"id": ["id"], "dual": ["A", "B"], "A": ["A"], "B": ["B"]}.get(mode)
+    if views is None:
+        raise SystemExit(f"--views {cfg.views!r}: expected auto, id, dual, A or B")
+    if cfg.backbone not in ("sasrec", "gru4rec", "bert4rec"):
+        raise SystemExit(f"--backbone {cfg.backbone!r}: expected sasrec, gru4rec or bert4rec")
+    if cfg.loss not in ("ce", "bce"):
+        raise SystemExit(f"--loss {cfg.loss!r}: expected ce or bce")
+    if cfg.select not in ("full", "sampled"):
+        raise SystemExit(f"--select {cfg.select!r}: expected auto, full or sampled")
+    if cfg.train_items not in ("all", "seen"):
+        raise SystemExit(f"--train-items {cfg.train_items!r}: expected all or seen")
+    if cfg.semantic not in ("fused", "raw", "both") or cfg.id_init not in ("random", "pca"):
+        raise SystemExit(f"--semantic {cfg.semantic!r} / --id-init {cfg.id_init!r}: expected fused|raw|both / "
+                         "random|pca")
+    bad = {v.strip() for v in cfg.id_free.split(",") if v.strip()} - {"A", "B"}
+    if bad:
+        raise SystemExit(f"--id-free {cfg.id_free!r}: expected a comma-separated subset of A, B")
+    if cfg.finetune_fusion and (cfg.semantic != "fused" or cfg.whiten):
+        raise SystemExit("--finetune-fusion trains stage 3's module, whose outputs change as it trains: it goes "
+                         "with --semantic fused and --no-whiten (whitening is fitted once, on frozen tables)")
+    if cfg.hidden % cfg.heads:
+        raise SystemExit(f"--hidden {cfg.hidden} must be divisible by --heads {cfg.heads}")
+    return views, (fused_path if views != ["id"] else None), mode
+
+
+def load_fused(path: Path, ds: common.Dataset) -> dict:
+    fused = common.load_artifact(path, "fused", fingerprint=ds.fingerprint, item_ids=ds.item_ids)
+    for k in ("h_A", "h_B"):
+        if tuple(fused[k].shape[:1]) != (ds.n_items,):
+            raise common.ArtifactError(f"{path}: field '{k}' has shape {tuple(fused[k].shape)}, expected "
+                                       f"[{ds.n_items}, d]")
+    return fused
+
+
+def load_semantics(path: Path, ds: common.Dataset) -> dict:
+    return common.load_artifact(path, "semantics", fingerprint=ds.fingerprint, item_ids=ds.item_ids)
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def save_checkpoint(path, model, cfg, ds, views, best_epoch):
@@ -1088,10 +1209,6 @@ def save_checkpoint(path, model, cfg, ds, views, best_epoch):
                                             "n_items": ds.n_items, "item_ids": ds.item_ids,
                                             "best_epoch": best_epoch}, cfg, ds.fingerprint)
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Plumbing: resuming a run from DATA/runs/<name>/last.pt
-# ----------------------------------------------------------------------------------------------------------------------
 
 RESUME_FREE = ("data", "resume", "threads", "checkpoint_every")  # flags that change nothing a run computes
 
@@ -1147,7 +1264,7 @@ def load_resume(path: Path, cfg, ds, world: int) -> dict | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# USE: top-k recommendations from a trained run (--recommend RUN), from the command line or a notebook
+# Plumbing: top-k recommendations from a trained run (--recommend RUN), from the command line or a notebook
 # ----------------------------------------------------------------------------------------------------------------------
 
 def load_trained(data, run: str, device="auto") -> tuple[Recommender, Config, common.Dataset]:
@@ -1289,8 +1406,7 @@ def recommend_cli(cfg: Config) -> None:
              f"({len(seqs) / max(dt, 1e-9):.0f} users/s)" + (f" -> {cfg.out}" if cfg.out else ""))
 
 
-if __name__ == "__main__":
-    cfg = common.parse_config(Config, description=__doc__.split("\n\n")[0])
+def main(cfg: Config) -> None:
     common.setup_logging(sys.stderr if cfg.recommend and not cfg.out else None)  # stdout carries the JSON lines
     if cfg.recommend:
         recommend_cli(cfg)
@@ -1298,3 +1414,7 @@ if __name__ == "__main__":
         raise SystemExit("error: --user, --history, --users-file and --out go with --recommend RUN")
     else:
         train(cfg)
+
+
+if __name__ == "__main__":
+    main(common.parse_config(Config, description=__doc__.split("\n\n")[0], extra_help=HELP))

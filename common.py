@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 FORMAT_VERSION = 1  # bump when the layout of a stage artifact changes; loaders refuse other versions
 
@@ -58,9 +59,13 @@ def _field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def parse_config(cls, argv: list[str] | None = None, description: str | None = None):
-    """Build `cls` from the command line: the dataset directory is positional, every field is `--field-name`."""
+def parse_config(cls, argv: list[str] | None = None, description: str | None = None,
+                 extra_help: dict[str, str] | None = None):
+    """Build `cls` from the command line: the dataset directory is positional, every field is `--field-name`.
+    `extra_help` appends text known only at run time (e.g. the per-backbone values behind a -1 default) to a help."""
     docs = _field_docs(cls)
+    for name, extra in (extra_help or {}).items():
+        docs[name] = f"{docs.get(name, '')} {extra}".strip()
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
         help_ = docs.get(f.name, "")
@@ -90,7 +95,7 @@ def log_config(cfg) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Seeding and device
+# Seeding, device, attention
 # ----------------------------------------------------------------------------------------------------------------------
 
 def seed_everything(seed: int) -> None:
@@ -103,6 +108,18 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def attend(q, k, v, mask, dropout: float = 0.0, impl: str = "sdpa"):
+    """softmax(q k^T / sqrt(d), masked) v for q [B, H, Lq, dh], k, v [B, H, Lk, dh]; `mask` broadcasts to
+    [B, H, Lq, Lk], True = may attend, and leaves every query at least one key (else its softmax is NaN).
+    'sdpa' is the fast path (torch's scaled_dot_product_attention); 'plain' is the same maths spelled out, the
+    definition the fast path is tested against. Stage 3 (cross-attention) and stage 4 (self-attention) share it."""
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    a = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+    return F.dropout(a, dropout, training=dropout > 0) @ v
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -503,7 +520,7 @@ def write_text_atomic(path: str | Path, chunks) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:  # "\n" stays "\n" on every platform (CSV rows)
             for c in chunks:
                 f.write(c)
         os.replace(tmp, path)
@@ -513,18 +530,24 @@ def write_text_atomic(path: str | Path, chunks) -> Path:
     return path
 
 
-def load_artifact(path: str | Path, kind: str, fingerprint: str | None = None, map_location="cpu") -> dict:
-    """Load a stage artifact and refuse it, with a message saying what to rerun, if it does not fit."""
+def load_artifact(path: str | Path, kind: str, fingerprint: str | None = None, map_location="cpu",
+                  item_ids: list[str] | None = None) -> dict:
+    """Load a stage artifact and refuse it, with a message saying what to rerun, if it does not fit: another kind,
+    format version or dataset fingerprint, or (given `item_ids`, the dataset's) rows for other items."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: not found; run the stage that writes the {kind} artifact first")
     obj = torch.load(path, map_location=map_location, weights_only=False)
     if not isinstance(obj, dict) or obj.get("kind") != kind:
-        raise ArtifactError(f"{path}: expected a '{kind}' artifact, found {obj.get('kind') if isinstance(obj, dict) else type(obj)}")
+        found = obj.get("kind") if isinstance(obj, dict) else type(obj)
+        raise ArtifactError(f"{path}: expected a '{kind}' artifact, found {found}")
     if obj.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: format version {obj.get('format_version')} but this code reads "
                             f"{FORMAT_VERSION}; rerun the stage that made it")
     if fingerprint is not None and obj.get("fingerprint") != fingerprint:
         raise ArtifactError(f"{path}: made from another dataset (fingerprint {obj.get('fingerprint')}, this dataset "
                             f"is {fingerprint}); rerun the stage that made it on this dataset directory")
+    if item_ids is not None and list(obj.get("item_ids", [])) != list(item_ids):
+        raise ArtifactError(f"{path}: its item ids differ from the dataset's items.jsonl; rerun the stage that made it "
+                            f"(and the stages after it)")
     return obj

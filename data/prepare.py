@@ -23,7 +23,6 @@ import hashlib
 import http.client
 import io
 import json
-import logging
 import math
 import os
 import re
@@ -42,28 +41,16 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-log = logging.getLogger("prepare")
+sys.path.insert(0, str(ROOT))
+from common import log, setup_logging, write_text_atomic  # noqa: E402  (the repository's shared module)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Plumbing: writing the canonical directory atomically, k-core, bad-input errors
+# Plumbing: writing the canonical directory (atomically, common.write_text_atomic), k-core, bad-input errors
 # ----------------------------------------------------------------------------------------------------------------------
 
 class PrepareError(ValueError):
     """Bad source input, with the file, line and field that caused it."""
-
-
-def _atomic_write(path: Path, chunks) -> None:
-    """Write text chunks to a temp file and rename it over `path`, so an interrupted run never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            for c in chunks:
-                f.write(c)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_dataset(out: Path, user_names, item_names, u, i, t, items: list[dict]) -> dict:
@@ -93,9 +80,9 @@ def write_dataset(out: Path, user_names, item_names, u, i, t, items: list[dict])
             else:
                 yield "".join(f"{user_names[a]},{item_names[b]},{c}\n" for a, b, c in zip(us, is_, ts))
 
-    _atomic_write(out / "interactions.csv", rows())
+    write_text_atomic(out / "interactions.csv", rows())
     encode = json.JSONEncoder(ensure_ascii=False).encode  # one encoder: json.dumps builds a new one per call
-    _atomic_write(out / "items.jsonl", (encode(m) + "\n" for m in items))
+    write_text_atomic(out / "items.jsonl", (encode(m) + "\n" for m in items))
     return {"users": int(len(np.unique(u))), "items": len(items), "interactions": int(len(u)),
             "items_with_image": sum(1 for m in items if m.get("image"))}
 
@@ -366,11 +353,11 @@ def build_synthetic(a) -> dict:
     uwidth = len(str(m - 1))
     user_names = [f"user{k:0{uwidth}d}" for k in range(m)]
     # the generating truth (item attributes, user tastes), for analysis and tests only: no stage reads these files
-    _atomic_write(out / "synthetic_attributes.csv", ("\n".join(truth) + "\n",))
+    write_text_atomic(out / "synthetic_attributes.csv", ("\n".join(truth) + "\n",))
     names = {"cat": [c for c, _ in CATEGORIES], "colour": colour_names, "shape": SHAPES, "pattern": PATTERNS,
              "brand": BRANDS, "price": [b for b, _, _ in PRICE_BANDS]}
     cols = {k: np.asarray(v)[taste[k]] for k, v in names.items()}
-    _atomic_write(out / "synthetic_users.csv", ["user_id,category,colour,shape,pattern,brand,price_band\n"] + [
+    write_text_atomic(out / "synthetic_users.csv", ["user_id,category,colour,shape,pattern,brand,price_band\n"] + [
         ",".join(row) + "\n" for row in zip(user_names, *(cols[k].tolist() for k in names))])
     return write_dataset(out, user_names, [it["item_id"] for it in items], u, i, t, items)
 
@@ -711,7 +698,7 @@ def build_amazon2023(a) -> dict:
             if it["item_id"] in ok:
                 it["image"] = ok[it["item_id"]]
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "image_failures.jsonl", (json.dumps(f_) + "\n" for f_ in failures))
+        write_text_atomic(out / "image_failures.jsonl", (json.dumps(f_) + "\n" for f_ in failures))
         if failures:
             log.warning(f"{len(failures)} of {len(jobs)} image(s) failed (items keep their text); every failure is "
                         f"listed in {out / 'image_failures.jsonl'}; reasons: "
@@ -906,7 +893,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    setup_logging(sys.stderr)  # stdout carries the counts line
     t0 = time.time()
     out = Path(a.out)
     build = {"synthetic": build_synthetic, "movielens": build_movielens, "amazon2023": build_amazon2023,
@@ -915,7 +902,7 @@ def main(argv=None) -> dict:
              "sports": lambda a: build_seq_file(a, "Sports_and_Outdoors", None)}[a.source]
     counts = build(a)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "prepare_config.json",
+    write_text_atomic(out / "prepare_config.json",
                   (json.dumps({"argv": sys.argv[1:] if argv is None else list(argv), "args": vars(a),
                                "counts": counts}, indent=2) + "\n",))
     log.info(f"{a.source}: wrote {out} in {time.time() - t0:.1f}s")

@@ -312,8 +312,8 @@ def test_dual_view_end_to_end_with_fusion_finetuning(tiny_dataset):
     common.save_artifact(tiny_dataset / "fused.pt", "fused", payload, {"fixture": "random BiCrossFusion"},
                          ds.fingerprint)
     before = payload["module_state"]
-    run_script("04_train_backbone.py", tiny_dataset, "--epochs", "2", "--finetune-fusion", "--no-whiten", "--name", "dual",
-               *FAST)
+    run_script("04_train_backbone.py", tiny_dataset, "--epochs", "2", "--finetune-fusion", "--no-whiten",
+               "--name", "dual", *FAST)
     res = json.loads((tiny_dataset / "runs" / "dual" / "results.json").read_text())
     assert res["views"] == "dual" and res["fused"].endswith("fused.pt")  # dual is the default once fused.pt exists
     state = common.load_artifact(tiny_dataset / "runs" / "dual" / "model.pt", "backbone")["state_dict"]
