@@ -15,6 +15,6 @@ python data/prepare.py synthetic --out $D
 python 01_generate_semantics.py $D --mllm compact
 python 02_align.py $D
 python 03_fuse.py $D
-python 04_train_backbone.py $D --views id --name sasrec_id
-python 04_train_backbone.py $D --views dual --name sasrec_dmesr
+python 04_train_backbone.py $D --views id --train-items seen --name sasrec_id
+python 04_train_backbone.py $D --views dual --train-items seen --name sasrec_dmesr
 python bench/compare.py $D sasrec_id sasrec_dmesr --plot $D/compare.png

@@ -55,3 +55,22 @@ def test_ablation_writes_the_picture_beside_its_table(tiny_dataset, tmp_path):
     with Image.open(png) as im:
         assert im.size == (1200, 500)
     assert colour_pixels(png, TAB10["blue"]) > 2000 and colour_pixels(png, TAB10["orange"]) == 0
+
+
+def test_ablation_reports_the_content_match_rows_from_the_same_runs(tiny_dataset, tmp_path):
+    """With semantics.pt present every run also records the content-match term and the content-only ranking; the
+    table shows them as rows of their own, read from those runs (no retraining), with the gamma each seed chose."""
+    from test_backbone import write_semantics
+    write_semantics(tiny_dataset)
+    runs = [stage4.train(stage4.Config(data=str(tiny_dataset), views="id", epochs=2, batch_size=16, hidden=16,
+                                       threads=1, seed=seed, name=f"sasrec_ce_id_s{seed}", content_grid="0,1,4"))
+            for seed in (1, 2)]
+    ablation = importlib.import_module("ablation")
+    ablation.main([str(tiny_dataset), "--variants", "id", "--seeds", "1,2", "--results", str(tmp_path)])
+    md = (tmp_path / "tiny_sasrec.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| plain backbone + content match |"))
+    mean = sum(r["content_match"]["test"]["full"]["NDCG@10"] for r in runs) / 2
+    assert row.split("|")[2].strip().startswith(f"{mean:.4f}")
+    assert "gamma " + ", ".join(f"{r['content_match']['gamma']:g}" for r in runs) in row
+    only = next(line for line in md.splitlines() if line.startswith("| content only (no training) |"))
+    assert only.split("|")[2].strip().startswith(f"{runs[0]['content_match']['content_only']['full']['NDCG@10']:.4f}")
