@@ -525,21 +525,33 @@ def test_hf_prefix_cache_and_buckets_are_token_identical(tiny_vlms, vlm_images, 
 @pytest.fixture(scope="session")
 def compact_backend():
     """The real compact backend in float32 (the default weight cache: dequantised once per machine and wheel)."""
-    return g.CompactBackend(torch.device("cpu"), max_new_tokens=12, top_tags=3, dtype=torch.float32, no_repeat_ngram=3)
+    return g.CompactBackend(torch.device("cpu"), max_new_tokens=8, top_tags=3, dtype=torch.float32, no_repeat_ngram=3)
 
 
-def test_compact_prefix_cache_and_buckets_are_token_identical(compact_backend, mm_dataset):
+@pytest.fixture
+def one_thread():
+    """Small CPU GEMMs on cores other jobs share: one thread is several times faster than two (spinning OpenMP)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_compact_prefix_cache_and_buckets_are_token_identical(compact_backend, mm_dataset, one_thread):
     be = compact_backend
     ds = load_dataset(mm_dataset)
     reqs = g.build_requests(ds, range(ds.n_items), g.VIEWS, "description")
-    batches = g.plan_batches(reqs, 4, be.prompt_lengths(reqs))
-    assert [len(b) for b in batches] == [4, 4, 4, 4, 1, 4, 3] and all(len({r.view for r in b}) == 1 for b in batches)
+    # the plain path: batches in prompt-character order (what the stage did before), no shared-prefix cache
+    plain_batches = g.plan_batches(reqs, 8, [len(r.prompt) for r in reqs])
     be.prefix_cache = False
-    plain = [be.generate([r])[0] for r in reqs]  # one prompt at a time: no padding, no shared prefix
+    plain = {r.key: t for b in plain_batches for r, t in zip(b, be.generate(b))}
     be.prefix_cache = True
+    batches = g.plan_batches(reqs, 8, be.prompt_lengths(reqs))
+    assert [[r.key for r in b] for b in batches] != [[r.key for r in b] for b in plain_batches]
+    assert [len(b) for b in batches] == [8, 8, 1, 7] and all(len({r.view for r in b}) == 1 for b in batches)
     got = {r.key: t for b in batches for r, t in zip(b, be.generate(b))}
-    assert [got[r.key] for r in reqs] == plain
-    assert all(len(t.split()) >= 3 for t in plain)
+    assert got == plain and all(len(t.split()) >= 3 for t in plain.values())
+    assert be.generate(reqs[:1]) == [plain[reqs[0].key]]  # one prompt alone: no padding, no shared prefix
 
 
 # ----------------------------------------------------------------------------------------------------------------------
