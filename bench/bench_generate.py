@@ -130,78 +130,71 @@ def main():
           f"{flops_tok / 1e6:.0f} MFLOP per token + {flops_head / 1e6:.0f} for the LM head of a generated token")
     timer = Timer(be.lm)
     be.generate(reqs[:2])  # warm-up
+    enc = g.Encoder(g.encoder_path(""), torch.device("cpu"))
 
     char_len = [len(be.render(r)) for r in reqs]
     tok_len = be.prompt_lengths(reqs)
     settings = {"today": (char_len, False), "buckets": (tok_len, False), "prefix": (char_len, True),
                 "exact": (tok_len, True)}
     results = {}
-    print(f"\n{len(reqs)} prompts ({sum(tok_len)} real prompt tokens) per variant")
-    hdr = (f"{'variant':<9} {'wall s':>7} {'prompts/s':>9} {'x today':>7} {'same':>8} {'prefill tok':>11} "
-           f"{'prefill s':>9} {'decode s':>8} {'head s':>6} {'rest s':>6} {'floor':>6} {'peak MB':>7}")
-    print(hdr)
+    print(f"\n{len(reqs)} prompts ({sum(tok_len)} real prompt tokens) per variant; same / cos: texts identical to, and "
+          f"mean encoder cosine with, the reference variant")
+    print(f"{'variant':<9} {'wall s':>7} {'prompts/s':>9} {'x today':>7} {'same':>8} {'cos':>5} {'prefill tok':>11} "
+          f"{'prefill s':>9} {'decode s':>8} {'head s':>6} {'rest s':>6} {'floor':>6} {'peak MB':>7}")
 
-    def report(name, texts, wall, s, ref):
+    def report(name, texts, wall, s, ref=None, prompts=None):
         gen = sum(len(x) for x in be.tokenizer(list(texts.values()))["input_ids"])  # tokens the texts kept
-        prompt = sum(be.prompt_lengths([r for r in name_reqs.get(name, reqs)]))
-        floor = ((prompt + gen) * flops_tok + gen * flops_head) / (rate * 1e9)
-        same = f"{sum(texts[k] == ref[k] for k in ref)}/{len(ref)}" if ref is not None else "-"
-        base = results.get("today", (None, wall))[1]
+        floor = ((sum(prompts or tok_len) + gen) * flops_tok + gen * flops_head) / (rate * 1e9)
+        same, cos = "-", "-"
+        if ref is not None:
+            same = f"{sum(texts[k] == ref[k] for k in ref)}/{len(ref)}"
+            a, b = (enc([t[k] for k in ref], 64)[0] for t in (texts, ref))
+            cos = f"{float((a * b).sum(-1).mean()):.3f}"
+        base = results["today"][1] if "today" in results else wall
         rest = wall - s["prefill"] - s["decode"]
-        print(f"{name:<9} {wall:>7.1f} {len(texts) / wall:>9.2f} {base / wall:>7.2f} {same:>8} "
+        print(f"{name:<9} {wall:>7.1f} {len(texts) / wall:>9.2f} {base / wall:>7.2f} {same:>8} {cos:>5} "
               f"{s['prefill_tokens']:>11} {s['prefill']:>9.1f} {s['decode']:>8.1f} "
               f"{s['head']:>6.1f} {rest:>6.1f} {floor / wall:>6.1%} {peak_rss_mb():>7.0f}", flush=True)
 
-    name_reqs = {}
     for name in [v for v in a.variants.split(",") if v]:
         lengths, prefix = settings[name]
         texts, wall, s = run(be, reqs, a.batch_size, lengths, timer, prefix)
         results[name] = (texts, wall)
         report(name, texts, wall, s, results["today"][0] if "today" in results and name != "today" else None)
-    print("prefill s and decode s include the LM head (head s); rest = Python between forward calls: batching, "
-          "tokenising, logits processors (no_repeat_ngram), the cache hand-over; floor = the arithmetic floor / wall")
-
     if a.approx:
-        name_reqs["keywords"] = g.build_requests(ds, sorted({r.row for r in reqs}), g.VIEWS, "keywords")
-        approx(a, be, reqs, tok_len, results, timer, report, name_reqs["keywords"])
+        approx(a, be, ds, reqs, tok_len, results, timer, report)
+    print("reference: today for the exact variants, exact (else the first run) for int8 and keywords. prefill s and "
+          "decode s include the LM head (head s); rest = Python between forward calls: batching, tokenising, the "
+          "cache hand-over; floor = arithmetic floor / wall")
     print(f"load average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
-def approx(a, be, reqs, tok_len, results, timer, report, kreqs):
+def approx(a, be, ds, reqs, tok_len, results, timer, report):
     ref_name = "exact" if "exact" in results else next(iter(results))
     ref = results[ref_name][0]
-    enc = g.Encoder(g.encoder_path(""), torch.device("cpu"))
-    keys = list(ref)
-    ref_emb, _, _ = enc([ref[k] for k in keys], 64)
-    t = time.perf_counter()
-    enc([ref[k] for k in keys], 64)
-    print(f"\ntext encoder (all-MiniLM-L6-v2): {len(keys)} descriptions in {time.perf_counter() - t:.1f}s")
-
-    def cosine(texts):
-        emb, _, _ = enc([texts[k] for k in keys], 64)
-        return float((emb * ref_emb).sum(-1).mean())
+    show = list(ref)[:: max(1, len(ref) // 3)][:3]
 
     lm, dtype = be.lm, be.lm.dtype
     with warnings.catch_warnings():  # torch.ao's deprecation notice; the kernels are what CPU int8 runs today
         warnings.simplefilter("ignore")
-        q = torch.ao.quantization.quantize_dynamic(lm.float(), {torch.nn.Linear}, dtype=torch.qint8)
-    be.lm = q
+        be.lm = torch.ao.quantization.quantize_dynamic(lm.float(), {torch.nn.Linear}, dtype=torch.qint8)
     texts, wall, s = run(be, reqs, a.batch_size, tok_len, timer, True)
     report("int8", texts, wall, s, ref)
-    print(f"int8: mean encoder cosine to {ref_name}: {cosine(texts):.3f}")
-    show = keys[:: max(1, len(keys) // 3)][:3]
-    for k in show:
-        print(f"  {k.split(chr(9))[1]:>3} {ref_name}: {ref[k][:110]}\n      int8:  {texts[k][:110]}")
     be.lm = lm.to(dtype)
+    previews = [("int8", texts)]
 
     same_prompt = {(r.row, r.view): r.key for r in reqs}
-    kreqs = [r for r in kreqs if (r.row, r.view) in same_prompt]
-    texts, wall, s = run(be, kreqs, a.batch_size, be.prompt_lengths(kreqs), timer, True)
+    kreqs = [r for r in g.build_requests(ds, sorted({r.row for r in reqs}), g.VIEWS, "keywords")
+             if (r.row, r.view) in same_prompt]
+    klen = be.prompt_lengths(kreqs)
+    texts, wall, s = run(be, kreqs, a.batch_size, klen, timer, True)
     texts = {same_prompt[r.row, r.view]: texts[r.key] for r in kreqs}
-    report("keywords", texts, wall, s, None)
-    print(f"keywords: mean encoder cosine to {ref_name} descriptions: {cosine(texts):.3f}")
+    report("keywords", texts, wall, s, ref, klen)
+    previews.append(("keywords", texts))
     for k in show:
-        print(f"  {k.split(chr(9))[1]:>3} keywords: {texts[k][:110]}")
+        print(f"  {k.split(chr(9))[1]:>3} {ref_name}: {ref[k][:150]}")
+        for name, t in previews:
+            print(f"      {name}: {t[k][:150]}")
 
 
 if __name__ == "__main__":
