@@ -205,29 +205,13 @@ def test_artifact_from_other_real_dataset_is_refused(tmp_path, tiny_dataset):
 KILLED_WRITER = textwrap.dedent("""
     import sys, time, torch
     sys.path.insert(0, {root!r})
+    sys.path.insert(0, {root!r} + "/tests")
     import common
-
-    class SlowFile:
-        # a real file whose writes stall after the first megabyte, so the kill lands mid-write
-        def __init__(self, f):
-            self.f, self.n = f, 0
-        def write(self, b):
-            r = self.f.write(b)
-            self.n += len(b)
-            if self.n > 1 << 20:
-                self.f.flush()
-                print("PARTIAL", flush=True)
-                time.sleep(60)
-            return r
-        def __getattr__(self, k):
-            return getattr(self.f, k)
-        def __enter__(self):
-            return self
-        def __exit__(self, *a):
-            return self.f.__exit__(*a)
+    from stalling import StallingFile
 
     _open = open
-    common.open = lambda p, mode="r", *a, **k: SlowFile(_open(p, mode, *a, **k)) if "w" in mode else _open(p, mode)
+    common.open = lambda p, mode="r", *a, **k: (StallingFile(_open(p, mode, *a, **k), 1 << 20, 60) if "w" in mode
+                                                else _open(p, mode))
     common.save_artifact(sys.argv[1], "semantics", {{"emb": torch.ones(2_000_000)}}, {{"run": "new"}}, "fp")
 """)
 

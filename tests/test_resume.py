@@ -33,33 +33,17 @@ ARGS = ["--backbone", "sasrec", "--loss", "bce", "--hidden", "16", "--epochs", "
 DRIVER = textwrap.dedent("""
     import importlib, os, sys, time
     sys.path.insert(0, {root!r})
+    sys.path.insert(0, {root!r} + "/tests")
     import common
+    from stalling import StallingFile
     stall, writes, _open = int(os.environ.get("STALL", 0)), [0], open
-
-    class Stalling:
-        def __init__(self, f):
-            self.f, self.n = f, 0
-        def write(self, b):
-            r = self.f.write(b)
-            self.n += len(b)
-            if self.n > 2000:
-                self.f.flush()
-                print("PARTIAL", flush=True)
-                time.sleep(600)
-            return r
-        def __getattr__(self, k):
-            return getattr(self.f, k)
-        def __enter__(self):
-            return self
-        def __exit__(self, *a):
-            return self.f.__exit__(*a)
 
     def open_(p, mode="r", *a, **k):
         f = _open(p, mode, *a, **k)
         if "w" in mode and os.path.basename(p).startswith(".last.pt.tmp"):
             writes[0] += 1
             if writes[0] == stall:
-                return Stalling(f)
+                return StallingFile(f, 2000, 600)
         return f
 
     common.open = open_
