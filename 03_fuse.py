@@ -210,7 +210,8 @@ class Pretrainer(nn.Module):
         items, inv = torch.unique(torch.cat([src, dst]), return_inverse=True)
         h_a, h_b = self.fusion(*(t[items] for t in inputs))
         s, t = inv[:len(src)], inv[len(src):]
-        l_next = info_nce(self.next_a(h_a[s]), h_a[t], cfg.tau, dst) + info_nce(self.next_b(h_b[s]), h_b[t], cfg.tau, dst)
+        l_next = (info_nce(self.next_a(h_a[s]), h_a[t], cfg.tau, dst)
+                  + info_nce(self.next_b(h_b[s]), h_b[t], cfg.tau, dst))
         # agreement: the two views of one item identify it among the batch's items
         l_agree = 0.5 * (info_nce(h_a, h_b, cfg.tau) + info_nce(h_b, h_a, cfg.tau))
         return l_next + cfg.agree_weight * l_agree, l_next.detach(), l_agree.detach()
