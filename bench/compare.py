@@ -40,7 +40,9 @@ def with_content_match(res: dict, key: str = "test") -> dict:
     """The run as ranked with its inference-time content-match term (key "test", gamma chosen on validation) or by the
     content alone ("content_only"), in the shape metrics() reads; {} when the run has none (no semantics.pt)."""
     cm = res.get("content_match") or {}
-    return {**res, "test": cm[key]} if key in cm else {}
+    if key not in cm:
+        return {}
+    return {**res, "test": cm[key], "valid": cm["valid"] if key == "test" else cm[key]["valid"]}
 
 
 def describe(res: dict) -> dict:
