@@ -10,7 +10,10 @@ The backbone reads a user's item sequence and scores every item by a dot product
 `--finetune-fusion` rebuilds stage 3's BiCrossFusion module and trains it end to end with the recommendation loss.
 
 Training: `--loss ce` (softmax over all items at every position) or `--loss bce` (one uniform negative per position).
-Evaluation, leave-one-out: full ranking over all items (primary) and sampled-100 (100 negatives drawn once with
+A user's own items are never candidates (--exclude-seen, default): each position's softmax leaves out the items it has
+read, and the full ranking the user's history. Else the softmax must push the last item read below the next one at
+every step, and with content in the item vectors that also pushes down every item that resembles it.
+Evaluation, leave-one-out: full ranking over all items but the user's own (primary) and sampled-100 (100 negatives drawn once with
 --eval-seed, uniformly, never an item of the user; for validation, none up to the validation target); HR/NDCG@{5,10,20}
 and MRR with ties counted against the target; early stopping and model selection on validation NDCG@10 only (full
 ranking for ce, sampled-100 for bce: --select); test evaluated once at the best epoch.
@@ -103,6 +106,9 @@ class Config:
     """comma-separated views whose item vector is content only, no ID part (e.g. B)"""
     train_items: str = "all"
     """items the loss ranks: all | seen (those with a training interaction; a new arrival is never a positive)"""
+    exclude_seen: bool = True
+    """the user's own items are never candidates: out of each position's training softmax (the items it has read) and
+    out of the full-ranking evaluation (the whole history), as in --recommend; --no-exclude-seen ranks every item"""
     content_grid: str = "0,0.5,1,2,3,4,6,8,12,16,24,32"
     """inference-time content match: gammas tried on validation for score + gamma * cos(text, last text); empty = off"""
     hidden: int = 64
@@ -453,13 +459,36 @@ class Recommender(nn.Module):
 # ALGO LOGIC: losses, summed over the predicted positions
 # ----------------------------------------------------------------------------------------------------------------------
 
-def ce_loss_sum(h, table, target, chunk: int = 0):
+def ce_loss_sum(h, table, target, chunk: int = 0, exclude=None):
     """sum over positions of -log softmax(score(h, items))[target]: the softmax cross-entropy over all items, target ids
-    1-based (row r of `table` = item r+1). The definition is the F.cross_entropy line; SoftmaxCE below computes the same
-    faster on CPU, and in chunks when asked (on a GPU torch's fused cross-entropy is the faster one)."""
+    1-based (row r of `table` = item r+1). `exclude` = (rows, cols): score entries left out of the softmax (the user's
+    own items under --exclude-seen; cols 0-based). The definition is the F.cross_entropy lines; SoftmaxCE below computes
+    the same faster on CPU, and in chunks when asked (on a GPU torch's fused cross-entropy is the faster one)."""
     if h.is_cuda and not 0 < chunk < len(table):
-        return F.cross_entropy(Recommender.score(h, table), target - 1, reduction="sum")
-    return SoftmaxCE.apply(h, table, target - 1, chunk)
+        s = Recommender.score(h, table)
+        if exclude is not None:
+            s = s.index_put(exclude, s.new_tensor(float("-inf")))
+        return F.cross_entropy(s, target - 1, reduction="sum")
+    return SoftmaxCE.apply(h, table, target - 1, chunk, exclude)
+
+
+def own_items(hist: torch.Tensor, target: torch.Tensor, causal: bool, mask_id: int = -1):
+    """(rows, cols) of the items each row has read and that are not its target, cols 0-based: what --exclude-seen
+    leaves out. hist [R, L] item ids (0 = padding); target [R] (one per row) or [R, L] (one per position: the rows
+    are then the positions, row-major, and `causal` limits each to the items at or before it)."""
+    if target.dim() == 1:
+        r, c = (hist != 0).nonzero(as_tuple=True)
+        keep = hist[r, c] != target[r]
+        return r[keep], hist[r, c][keep] - 1
+    pos = target != 0
+    rid = pos.flatten().cumsum(0).view_as(pos) - 1
+    L = hist.shape[1]
+    ctx = hist[:, None, :].expand(-1, L, -1)  # [R, position, read item]
+    ok = pos[:, :, None] & (ctx != 0) & (ctx != mask_id) & (ctx != target[:, :, None])
+    if causal:
+        ok &= torch.ones(L, L, dtype=torch.bool, device=hist.device).tril()
+    b, t, j = ok.nonzero(as_tuple=True)
+    return rid[b, t], ctx[b, t, j] - 1
 
 
 def bce_loss_sum(h, model, target, neg, vecs):
@@ -488,11 +517,14 @@ class SoftmaxCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, W, y, chunk):
+    def forward(ctx, h, W, y, chunk, exclude=None):
         ctx.chunk = chunk = chunk if 0 < chunk < len(W) else 0
+        ctx.exclude = exclude
         picked = (h * W[y]).sum()
         if chunk == 0:
             z = h @ W.T
+            if exclude is not None:
+                z.index_put_(exclude, z.new_tensor(float("-inf")))  # exp(-inf) = 0: no probability, no gradient
             mx = z.max(1, keepdim=True).values
             z.sub_(mx).exp_()
             s = z.sum(1, keepdim=True)
@@ -500,9 +532,17 @@ class SoftmaxCE(torch.autograd.Function):
             return (mx + s.log()).sum() - picked
         lse = torch.full((len(h),), float("-inf"), device=h.device, dtype=h.dtype)
         for c in range(0, len(W), chunk):
-            lse = torch.logaddexp(lse, torch.logsumexp(h @ W[c:c + chunk].T, 1))
+            lse = torch.logaddexp(lse, torch.logsumexp(SoftmaxCE.chunk_logits(h, W, c, chunk, exclude), 1))
         ctx.save_for_backward(h, W, y, lse)
         return lse.sum() - picked
+
+    @staticmethod
+    def chunk_logits(h, W, c, chunk, exclude):
+        z = h @ W[c:c + chunk].T
+        if exclude is not None:
+            sel = (exclude[1] >= c) & (exclude[1] < c + chunk)
+            z[exclude[0][sel], exclude[1][sel] - c] = float("-inf")
+        return z
 
     @staticmethod
     def backward(ctx, g):
@@ -510,14 +550,14 @@ class SoftmaxCE(torch.autograd.Function):
             h, W, y, z, s = ctx.saved_tensors
             dh = (z @ W) / s - W[y]
             dW = (z.T @ (h / s)).index_add_(0, y, -h)
-            return dh * g, dW * g, None, None
+            return dh * g, dW * g, None, None, None
         h, W, y, lse = ctx.saved_tensors
         dh, dW = -W[y], torch.zeros_like(W).index_add_(0, y, -h)
         for c in range(0, len(W), ctx.chunk):
-            p = torch.exp(h @ W[c:c + ctx.chunk].T - lse[:, None])
+            p = torch.exp(SoftmaxCE.chunk_logits(h, W, c, ctx.chunk, ctx.exclude) - lse[:, None])
             dh += p @ W[c:c + ctx.chunk]
             dW[c:c + ctx.chunk] += p.T @ h
-        return dh * g, dW * g, None, None
+        return dh * g, dW * g, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -537,6 +577,8 @@ class TrainData:
     test: tuple  # the same for test: built here, read only once, after training, by the best-epoch model
     n_neg: int  # sampled negatives per user (fewer than --n-neg when the catalogue is small)
     scored: np.ndarray | None = None  # --train-items seen: the sorted ids the loss ranks (None: every item)
+    valid_seen: np.ndarray | None = None  # --exclude-seen: right-aligned whole histories before the validation target
+    test_seen: np.ndarray | None = None  # and before the test target
 
 
 @dataclass
@@ -656,9 +698,11 @@ def build_data(cfg: Config, ds: common.Dataset) -> TrainData:
     if scored is not None:
         log.info(f"--train-items seen: the loss ranks the {len(seen)} items seen in training ({N - len(seen)} never "
                  "seen there are ranked in evaluation all the same)")
+    own = [[train_seqs[u] for u in eval_users], [ds.seqs[u][:-1] for u in eval_users]] if cfg.exclude_seen else None
+    own = [right_aligned(x, max(map(len, x), default=1))[0] for x in own] if own else [None, None]
     return TrainData(train_seqs, eval_users, tr[keep], tr_len[keep], np.flatnonzero(keep),
                      user_item_keys(train_seqs, N), (val_hist, val_tgt, val_negs), (test_hist, test_tgt, negs), n_neg,
-                     scored)
+                     scored, *own)
 
 
 def epoch_draws(cfg: Config, data: TrainData, rng: np.random.Generator, N: int):
@@ -703,13 +747,16 @@ def step_loss(run: Run, rows: np.ndarray, cloze, negatives, norm: float) -> torc
         h, vecs = run.ddp(inp, need_all)
     if cfg.amp:  # softmax over thousands of items in bf16 loses the small probabilities: loss in float32
         h, vecs = h.float(), (vecs.float() if vecs is not None else None)
+    # --exclude-seen: each position's softmax leaves out the items it has read (BERT4Rec: the row's unmasked items)
+    own = own_items(inp, tgt.masked_fill(~pos, 0), not bert, model.n + 1) if cfg.exclude_seen else None
     h, t = h[pos], tgt[pos]  # only non-padding (or masked) positions reach the output layer
     if cfg.loss == "ce":
         table = model.table(vecs)
         if data.scored is not None:  # --train-items seen: the softmax runs over the items training has seen
             keep = torch.from_numpy(data.scored).to(device)
             table, t = table[keep - 1], torch.searchsorted(keep, t) + 1
-        loss = ce_loss_sum(h, table, t, cfg.ce_chunk)
+            own = own if own is None else (own[0], torch.searchsorted(keep, own[1] + 1))
+        loss = ce_loss_sum(h, table, t, cfg.ce_chunk, own)
     else:
         neg = torch.from_numpy(negatives[rows][:, -Lb:]).to(device)[pos]
         loss = bce_loss_sum(h, model, t, neg, vecs)
@@ -757,7 +804,8 @@ def validate(run: Run, p: Progress, row: dict) -> None:
     model.pt, so a crash loses nothing), else counts towards --patience."""
     cfg, epoch = run.cfg, row["epoch"]
     te = time.perf_counter()
-    rf, rs = evaluate(run.model, *run.data.valid, cfg, run.device, cfg.backbone == "bert4rec", run.rank, run.world)
+    rf, rs = evaluate(run.model, *run.data.valid, cfg, run.device, cfg.backbone == "bert4rec", run.rank, run.world,
+                      run.data.valid_seen)
     row["valid"] = protocol_metrics(rf, rs)
     row["eval_seconds"] = time.perf_counter() - te
     sel = SELECT[cfg.select]
@@ -852,7 +900,7 @@ def final_test(run: Run, p: Progress, sem, mode: str, fused_path, stopped_by) ->
     """Test metrics of the loaded (best-epoch) model, the content match, and results.json (rank 0 writes it)."""
     cfg, data, device, bert = run.cfg, run.data, run.device, run.cfg.backbone == "bert4rec"
     test_hist, test_tgt, negs = data.test
-    rf, rs = evaluate(run.model, test_hist, test_tgt, negs, cfg, device, bert, run.rank, run.world)
+    rf, rs = evaluate(run.model, test_hist, test_tgt, negs, cfg, device, bert, run.rank, run.world, data.test_seen)
     test = protocol_metrics(rf, rs)
     test["groups"] = group_metrics(rf, rs, data.train_seqs, data.eval_users, test_hist, test_tgt, run.ds.n_items, cfg)
     content = None
@@ -887,7 +935,9 @@ def final_test(run: Run, p: Progress, sem, mode: str, fused_path, stopped_by) ->
 def protocol_text(cfg: Config, N: int, n_neg: int) -> dict:
     """results.json's statement of how the numbers were measured."""
     return {"split": "leave-one-out (last item test, second-to-last validation)",
-            "full": f"rank among all {N} items (padding excluded), ties counted against the target",
+            "full": f"rank among all {N} items (padding excluded"
+                    + ("; the user's own earlier items excluded too" if cfg.exclude_seen else "")
+                    + "), ties counted against the target",
             "sampled100": f"rank among the target + {n_neg} uniform negatives the user never interacted with, drawn "
                           f"once with seed {cfg.eval_seed} (validation: none of the items up to the validation target)",
             "selection": f"early stopping and best epoch on validation NDCG@10 ({SELECT[cfg.select]}); "
@@ -921,7 +971,7 @@ def count_at_least(s, t) -> torch.Tensor:
     return torch.ge(s, t, out=s).sum(1, dtype=torch.float64 if s.shape[1] >= 2 ** 24 else None).long()
 
 
-def full_ranks(h, table, target, chunk: int = 0) -> torch.Tensor:
+def full_ranks(h, table, target, chunk: int = 0, exclude=None) -> torch.Tensor:
     """rank = 1 + #{items scoring above the target} + #{other items scoring exactly the same} (ties count against).
 
     Items are scored in chunks of `chunk` (0 = all at once), so memory is users x chunk, not users x items. Exact ties
@@ -931,6 +981,8 @@ def full_ranks(h, table, target, chunk: int = 0) -> torch.Tensor:
     N = table.shape[0]
     if chunk <= 0 or chunk >= N:
         s = Recommender.score(h, table)
+        if exclude is not None:  # (rows, cols) that are no candidates (--exclude-seen); never a target
+            s.index_put_(exclude, s.new_tensor(float("-inf")))
         return count_at_least(s, s.gather(1, target[:, None] - 1))  # includes the target itself: the "1 +"
     pad = table.new_zeros(chunk, table.shape[1])
     rows = torch.arange(len(h), device=h.device)
@@ -943,6 +995,9 @@ def full_ranks(h, table, target, chunk: int = 0) -> torch.Tensor:
     for c in range(0, N, chunk):
         w = table[c:c + chunk]
         torch.mm(h, (w if len(w) == chunk else torch.cat([w, pad[len(w):]])).T, out=s)
+        if exclude is not None:
+            sel = (exclude[1] >= c) & (exclude[1] < c + chunk)
+            s[exclude[0][sel], exclude[1][sel] - c] = float("-inf")
         own = (target - 1 >= c) & (target - 1 < c + chunk)
         r[own] -= (s[rows[own], target[own] - 1 - c] >= t[own, 0]).long()
         r -= (chunk - len(w)) * (t[:, 0] <= 0).long()  # zero padding scores 0: take back what it added
@@ -978,8 +1033,9 @@ def user_states(model, hist, idx_all, cfg, device, bert: bool):
 
 
 @torch.no_grad()
-def evaluate(model, hist, target, negs, cfg, device, bert: bool, rank=0, world=1):
-    """Ranks of `target` given right-aligned histories `hist` ([E, L] numpy); users sharded across ranks."""
+def evaluate(model, hist, target, negs, cfg, device, bert: bool, rank=0, world=1, seen=None):
+    """Ranks of `target` given right-aligned histories `hist` ([E, L] numpy); users sharded across ranks. `seen`
+    ([E, *] numpy, --exclude-seen): each user's whole history, whose items the full ranking leaves out."""
     was = model.training
     model.eval()
     table = model.table()
@@ -988,7 +1044,8 @@ def evaluate(model, hist, target, negs, cfg, device, bert: bool, rank=0, world=1
     for idx, h in user_states(model, hist, mine, cfg, device, bert):
         t = torch.from_numpy(target[idx]).to(device)
         out_m.append(idx)
-        out_f.append(full_ranks(h, table, t, cfg.eval_chunk).cpu())
+        own = None if seen is None else own_items(torch.from_numpy(seen[idx]).to(device), t, False)
+        out_f.append(full_ranks(h, table, t, cfg.eval_chunk, own).cpu())
         out_s.append(sampled_ranks(h, table, t, torch.from_numpy(negs[idx]).to(device)).cpu())
     parts = [(np.concatenate(out_m) if out_m else mine, torch.cat(out_f).numpy() if out_f else np.zeros(0, np.int64),
               torch.cat(out_s).numpy() if out_s else np.zeros(0, np.int64))]
@@ -1040,6 +1097,8 @@ def content_match_ranks(model, hist, seen, target, negs, text, gammas, cfg, devi
         only = c.scatter(1, own, float("-inf"))[:, 1:]
         c = c.scatter_(1, own, 0.0)[:, 1:]
         s_model, buf = Recommender.score(h, table), torch.empty_like(c)
+        if cfg.exclude_seen:  # the model's own ranking leaves them out: so does every row built on it
+            s_model.index_put_(own_items(own, t, False), s_model.new_tensor(float("-inf")))
         for g in out:
             s = only if g == "content_only" else torch.add(s_model, c, alpha=g, out=buf)
             sc = s.gather(1, cand)

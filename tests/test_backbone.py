@@ -203,6 +203,78 @@ def test_ce_loss_and_gradients_match_cross_entropy():
             torch.testing.assert_close(a, b)
 
 
+def test_own_items_are_the_items_each_position_has_read_but_never_its_target():
+    # two right-aligned rows; row 0 reads 3, 5, 3 then predicts 5 at its last position (a repeat: kept as a candidate)
+    hist = torch.tensor([[3, 5, 3], [0, 7, 2]])
+    tgt = torch.tensor([[5, 3, 5], [0, 2, 9]])
+    r, c = stage4.own_items(hist, tgt, causal=True)
+    pairs = sorted(zip(r.tolist(), (c + 1).tolist()))
+    # positions row-major over non-padding targets: 0:(0,0) 1:(0,1) 2:(0,2) 3:(1,1) 4:(1,2)
+    assert pairs == [(0, 3), (1, 5), (2, 3), (2, 3), (3, 7), (4, 2), (4, 7)]
+    # BERT4Rec: every unmasked item of the row (mask token 10 and padding are no items), the target excepted
+    hist_b, tgt_b = torch.tensor([[3, 10, 4]]), torch.tensor([[0, 5, 0]])
+    r, c = stage4.own_items(hist_b, tgt_b, causal=False, mask_id=10)
+    assert sorted((c + 1).tolist()) == [3, 4] and r.tolist() == [0, 0]
+    # one target per row (evaluation): the whole history minus the target
+    r, c = stage4.own_items(torch.tensor([[0, 4, 2], [1, 2, 3]]), torch.tensor([7, 3]), causal=False)
+    assert sorted(zip(r.tolist(), (c + 1).tolist())) == [(0, 2), (0, 4), (1, 1), (1, 2)]
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 2, 3, 5])
+def test_excluded_items_leave_the_full_ranking(chunk):
+    # the table of test_ties_count_against_the_target: scores 0.5, 0.9, 0.5, 0.1, 0.5
+    table = torch.tensor([[0.5], [0.9], [0.5], [0.1], [0.5]])
+    h, target = torch.ones(4, 1), torch.tensor([1, 2, 4, 5])
+    # user 0 has item 2 (0.9) in its history, user 2 items 1 and 3, user 3 item 5 only as its target (kept)
+    exclude = stage4.own_items(torch.tensor([[0, 2], [0, 0], [1, 3], [0, 5]]), target, causal=False)
+    # item 1 without item 2: 1 + items 3, 5 equal = 3; item 4 without items 1, 3: 1 + items 2, 5 = 3; item 5: as before
+    assert stage4.full_ranks(h, table, target, chunk, exclude).tolist() == [3, 1, 3, 4]
+
+
+def test_excluded_items_leave_the_softmax():
+    """The loss with exclusions equals F.cross_entropy over scores set to -inf there, gradients included (the
+    excluded entries get none), chunked or not."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(37, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(23, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(1, 24, (37,), generator=g)
+    rows, cols = torch.randint(0, 37, (60,), generator=g), torch.randint(0, 23, (60,), generator=g)
+    keep = cols != y[rows] - 1
+    exclude = (rows[keep], cols[keep])
+    s = (h @ W.T).index_put(exclude, torch.tensor(float("-inf"), dtype=torch.float64))
+    ref = torch.nn.functional.cross_entropy(s, y - 1, reduction="sum")
+    ref_g = torch.autograd.grad(ref * 0.3, (h, W))
+    assert ref > 0 and ref < torch.nn.functional.cross_entropy(h @ W.T, y - 1, reduction="sum")
+    for chunk in (0, 5, 23):
+        loss = stage4.ce_loss_sum(h, W, y, chunk, exclude)
+        grads = torch.autograd.grad(loss * 0.3, (h, W))
+        torch.testing.assert_close(loss, ref)
+        for a, b in zip(grads, ref_g):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
+def test_exclude_seen_trains_and_ranks_without_the_users_items(tiny_dataset, backbone):
+    """--exclude-seen: the training loss is lower at the same weights (fewer competitors), evaluation never ranks a
+    user's own item above the target, and the run states the protocol."""
+    kw = dict(data=str(tiny_dataset), epochs=2, batch_size=16, hidden=16, dropout=0.0, views="id", threads=1,
+              backbone=backbone, content_grid="")
+    a = stage4.train(stage4.Config(name="all", exclude_seen=False, **kw))
+    b = stage4.train(stage4.Config(name="ex", **kw))
+    assert b["curve"][0]["loss"] < a["curve"][0]["loss"]
+    assert "own earlier items excluded" in b["protocol"]["full"] and "excluded too" not in a["protocol"]["full"]
+    # the same weights ranked both ways: exclusion can only lift the target
+    cfg = stage4.Config(**kw)
+    ds = common.load_dataset(tiny_dataset, check_images=False)
+    data = stage4.build_data(cfg, ds)
+    model, _, _ = stage4.load_trained(tiny_dataset, "all", device="cpu")
+    bert = backbone == "bert4rec"
+    plain, _ = stage4.evaluate(model, *data.test, cfg, torch.device("cpu"), bert)
+    ex, _ = stage4.evaluate(model, *data.test, cfg, torch.device("cpu"), bert, seen=data.test_seen)
+    n_own = np.array([len(set(ds.seqs[u][:-1]) - {ds.seqs[u][-1]}) for u in data.eval_users])
+    assert (ex <= plain).all() and (ex >= 1).all() and (plain - ex <= n_own).all() and (ex < plain).any()
+
+
 # ---- model selection never reads test ----
 
 def _read_seqs(root):
