@@ -411,10 +411,11 @@ def train_on_real_beauty(tmp_path, *flags) -> dict:
 @pytest.mark.slow
 def test_sasrec_ce_on_real_beauty_reaches_published_level(tmp_path):
     res = train_on_real_beauty(tmp_path)
-    # Measured with these defaults, seed 42, one thread: test NDCG@10 0.0414, HR@10 0.0842 (validation 0.0503), the top
-    # of the published SASRec range on this file (0.0327-0.0416). The floor sits a little below the measurement, so a
-    # change that costs accuracy (e.g. the per-batch loss mean that gave 0.0349 / 0.0715) fails here.
-    assert res["test"]["full"]["NDCG@10"] >= 0.040 and res["test"]["full"]["HR@10"] >= 0.080
+    # Measured with these defaults, seed 42, one thread: test NDCG@10 0.0563, HR@10 0.0915 (validation 0.0688, best
+    # epoch 38). With the user's own items left as candidates (--no-exclude-seen): 0.0414 / 0.0842, the top of the
+    # published SASRec range on this file (0.0327-0.0416). The floor sits a little below the measurement, so a change
+    # that costs accuracy (e.g. the per-batch loss mean that gave 0.0349 / 0.0715 there) fails here.
+    assert res["test"]["full"]["NDCG@10"] >= 0.054 and res["test"]["full"]["HR@10"] >= 0.088
 
 
 @pytest.mark.slow
