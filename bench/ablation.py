@@ -9,7 +9,7 @@ Runs what is missing, in order: stage 2 (DATA/aligned.pt) and the stage-3 varian
   MLLM view only (--views A) | original-text view only (--views B) | [DMESR + --finetune-fusion]
   | [synthetic data only: the content ceiling, --views dual on fused_oracle.pt = the generator's true attributes]
 A finished run (DATA/runs/<name>/results.json) is reused, so an interrupted comparison resumes where it stopped.
-Writes bench/results/<dataset>_<backbone>[_<loss>][_<tag>].md: test metrics, full ranking over all items (the primary
+Writes bench/results/<dataset>_<backbone>[_<loss>][_<tag>].md: test metrics, full ranking (the primary
 protocol), overall and on tail items, mean ± sample std over the seeds, with protocol, loss, dataset and seeds; and
 beside it the same name .png: validation curves and test NDCG@10 overall / tail / head (bench/compare.py's plot).
 --results DIR writes both to another folder.
@@ -247,7 +247,8 @@ def main(argv=None):
         f"# {data.name}: {a.backbone}, loss {a.loss}{' (' + a.tag + ')' if a.tag else ''}",
         "",
         f"Dataset `{data}`; backbone {a.backbone}; loss `{a.loss}`; seeds {', '.join(map(str, seeds))} "
-        f"(mean ± sample std over seeds). Protocol: leave-one-out test set, **full ranking over all items** "
+        f"(mean ± sample std over seeds). Protocol: leave-one-out test set, **full ranking**: "
+        f"{res[variants[0][0]][0].get('protocol', {}).get('full', 'rank among all items')} "
         f"(sampled-100 HR@10 in its own column); tail items = the tail group of 04_train_backbone.py (by training "
         f"popularity). Stage-4 extra flags: `{a.train_args or 'none'}`; stage-3 extra flags: `{a.fuse_args or 'none'}`."
         f" Stage 4: at most {cfg0.get('epochs', '?')} epochs, patience {cfg0.get('patience', '?')} (* = stopped by a "

@@ -124,7 +124,7 @@ def plot(data: str | Path, groups: dict[str, list[str]], path: str | Path, proto
     first = next(iter(res.values()))[0].get("test", {}).get("groups", {})
     ax_b.set_xticks(range(len(BARS)), [name + (f"\n({first[grp]['users']} users)" if grp in first else "")
                                        for grp, name in BARS])
-    proto = "full ranking over all items" if protocol == "full" else "100 sampled negatives"
+    proto = "full ranking" if protocol == "full" else "100 sampled negatives"
     ax_c.set(xlabel="epoch", ylabel=f"validation NDCG@10 ({protocol})", title="validation curve (dot: best epoch)")
     spread = "bars: mean ± sample std over seeds" if max(seeds) > 1 else "one seed per variant"
     ax_b.set(ylabel=f"test NDCG@10 ({protocol})", title="test set, each run's best epoch")
@@ -149,8 +149,9 @@ def main(argv=None):
     p.add_argument("--protocol", default="full", choices=["full", "sampled100"], help="test protocol to print")
     p.add_argument("--plot", default="", metavar="FILE.png", help="also draw validation curves and test bars here")
     a = p.parse_args(argv)
-    print(f"dataset {a.data}, test set, {a.protocol} ranking"
-          + (" over all items" if a.protocol == "full" else " (100 sampled negatives)"))
+    first = load_run(a.data, a.runs[0]).get("protocol", {})
+    print(f"dataset {a.data}, test set, {a.protocol} ranking: "
+          + first.get("full" if a.protocol == "full" else "sampled100", "protocol not recorded"))
     print(table(a.data, a.runs, a.protocol))
     if a.plot:
         print(f"wrote {plot(a.data, seed_groups(a.runs), a.plot, a.protocol)}")
