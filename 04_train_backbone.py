@@ -96,7 +96,7 @@ class Config:
     """content behind the views: fused (stage 3's h_A, h_B) | raw (stage 1: A = MLLM views, B = original text) | both"""
     semantics: str = ""
     """stage-1 artifact for --semantic raw and the content-match term (default DATA/semantics.pt)"""
-    whiten: bool = True
+    whiten: bool = False
     """centre and whiten each frozen semantic table (PCA over the catalogue's content) before its adapter"""
     id_init: str = "pca"
     """random | pca: each view's ID table starts from the centred PCA of that view's semantic table (LLM-ESR)"""

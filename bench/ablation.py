@@ -41,7 +41,7 @@ VARIANTS = [
     ("paper", "plug-in without levers (ID in both views, random init, no whitening)",
      ["--views", "dual", "--fused", "{data}/fused.pt", "--no-whiten", "--id-init", "random", "--id-free", ""],
      "fused.pt"),
-    ("nowhiten", "lever off: no whitening", ["--views", "dual", "--fused", "{data}/fused.pt", "--no-whiten"],
+    ("whiten", "lever on: whitened content tables", ["--views", "dual", "--fused", "{data}/fused.pt", "--whiten"],
      "fused.pt"),
     ("randinit", "lever off: random ID init (no PCA)", ["--views", "dual", "--fused", "{data}/fused.pt",
                                                         "--id-init", "random"], "fused.pt"),
@@ -67,8 +67,8 @@ VARIANTS = [
 # top of a variant, and the training-free content-only ranking (cosine to the last item; any run holds it)
 DERIVED = [("id", "test", "plain backbone + content match"), ("id", "content_only", "content only (no training)"),
            ("dmesr", "test", "DMESR + content match")]
-FINETUNE = ("dmesr_ft", "DMESR + fine-tuned fusion (no whitening)", ["--views", "dual", "--fused", "{data}/fused.pt",
-                                                                       "--finetune-fusion", "--no-whiten"], "fused.pt")
+FINETUNE = ("dmesr_ft", "DMESR + fine-tuned fusion", ["--views", "dual", "--fused", "{data}/fused.pt",
+                                                      "--finetune-fusion"], "fused.pt")
 # On synthetic data the generating attributes are known: h_A = one-hot image attributes (category, colour, shape,
 # pattern), h_B = one-hot text attributes (category, brand, price band). Not a method, a ceiling: what perfect content
 # understanding could add over the ID embedding with the same stage-4 plug-in. If it adds nothing, no MLLM can.
