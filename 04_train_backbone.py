@@ -13,9 +13,9 @@ Training: `--loss ce` (softmax over all items at every position) or `--loss bce`
 A user's own items are never candidates (--exclude-seen, default): each position's softmax leaves out the items it has
 read, and the full ranking the user's history. Else the softmax must push the last item read below the next one at
 every step, and with content in the item vectors that also pushes down every item that resembles it.
-Evaluation, leave-one-out: full ranking over all items but the user's own (primary) and sampled-100 (100 negatives drawn once with
---eval-seed, uniformly, never an item of the user; for validation, none up to the validation target); HR/NDCG@{5,10,20}
-and MRR with ties counted against the target; early stopping and model selection on validation NDCG@10 only (full
+Evaluation, leave-one-out: full ranking over all items but the user's own (primary) and sampled-100 (100 negatives
+drawn once with --eval-seed, uniformly, never an item of the user; for validation, none up to the validation target);
+HR/NDCG@{5,10,20} and MRR with ties counted against the target; early stopping and model selection on validation NDCG@10 only (full
 ranking for ce, sampled-100 for bce: --select); test evaluated once at the best epoch.
 
     python 04_train_backbone.py DATA [--backbone sasrec|gru4rec|bert4rec] [--loss ce|bce] [--views auto|id|dual|A|B]
@@ -465,11 +465,17 @@ def ce_loss_sum(h, table, target, chunk: int = 0, exclude=None):
     own items under --exclude-seen; cols 0-based). The definition is the F.cross_entropy lines; SoftmaxCE below computes
     the same faster on CPU, and in chunks when asked (on a GPU torch's fused cross-entropy is the faster one)."""
     if h.is_cuda and not 0 < chunk < len(table):
-        s = Recommender.score(h, table)
-        if exclude is not None:
-            s = s.index_put(exclude, s.new_tensor(float("-inf")))
-        return F.cross_entropy(s, target - 1, reduction="sum")
+        return F.cross_entropy(mask_out(Recommender.score(h, table), exclude), target - 1, reduction="sum")
     return SoftmaxCE.apply(h, table, target - 1, chunk, exclude)
+
+
+def mask_out(s: torch.Tensor, exclude, c: int = 0) -> torch.Tensor:
+    """Set the `exclude` = (rows, cols) entries that fall in this block of scores (columns c .. c + width) to -inf, in
+    place: no probability, no gradient, never ranked above anything. The one masking step of loss and evaluation."""
+    if exclude is not None:
+        sel = (exclude[1] >= c) & (exclude[1] < c + s.shape[1])
+        s[exclude[0][sel], exclude[1][sel] - c] = float("-inf")
+    return s
 
 
 def own_items(hist: torch.Tensor, target: torch.Tensor, causal: bool, mask_id: int = -1):
@@ -522,9 +528,7 @@ class SoftmaxCE(torch.autograd.Function):
         ctx.exclude = exclude
         picked = (h * W[y]).sum()
         if chunk == 0:
-            z = h @ W.T
-            if exclude is not None:
-                z.index_put_(exclude, z.new_tensor(float("-inf")))  # exp(-inf) = 0: no probability, no gradient
+            z = mask_out(h @ W.T, exclude)
             mx = z.max(1, keepdim=True).values
             z.sub_(mx).exp_()
             s = z.sum(1, keepdim=True)
@@ -532,17 +536,9 @@ class SoftmaxCE(torch.autograd.Function):
             return (mx + s.log()).sum() - picked
         lse = torch.full((len(h),), float("-inf"), device=h.device, dtype=h.dtype)
         for c in range(0, len(W), chunk):
-            lse = torch.logaddexp(lse, torch.logsumexp(SoftmaxCE.chunk_logits(h, W, c, chunk, exclude), 1))
+            lse = torch.logaddexp(lse, torch.logsumexp(mask_out(h @ W[c:c + chunk].T, exclude, c), 1))
         ctx.save_for_backward(h, W, y, lse)
         return lse.sum() - picked
-
-    @staticmethod
-    def chunk_logits(h, W, c, chunk, exclude):
-        z = h @ W[c:c + chunk].T
-        if exclude is not None:
-            sel = (exclude[1] >= c) & (exclude[1] < c + chunk)
-            z[exclude[0][sel], exclude[1][sel] - c] = float("-inf")
-        return z
 
     @staticmethod
     def backward(ctx, g):
@@ -554,7 +550,7 @@ class SoftmaxCE(torch.autograd.Function):
         h, W, y, lse = ctx.saved_tensors
         dh, dW = -W[y], torch.zeros_like(W).index_add_(0, y, -h)
         for c in range(0, len(W), ctx.chunk):
-            p = torch.exp(SoftmaxCE.chunk_logits(h, W, c, ctx.chunk, ctx.exclude) - lse[:, None])
+            p = torch.exp(mask_out(h @ W[c:c + ctx.chunk].T, ctx.exclude, c) - lse[:, None])
             dh += p @ W[c:c + ctx.chunk]
             dW[c:c + ctx.chunk] += p.T @ h
         return dh * g, dW * g, None, None, None
@@ -980,9 +976,7 @@ def full_ranks(h, table, target, chunk: int = 0, exclude=None) -> torch.Tensor:
     """
     N = table.shape[0]
     if chunk <= 0 or chunk >= N:
-        s = Recommender.score(h, table)
-        if exclude is not None:  # (rows, cols) that are no candidates (--exclude-seen); never a target
-            s.index_put_(exclude, s.new_tensor(float("-inf")))
+        s = mask_out(Recommender.score(h, table), exclude)  # exclude: no candidates (--exclude-seen), never a target
         return count_at_least(s, s.gather(1, target[:, None] - 1))  # includes the target itself: the "1 +"
     pad = table.new_zeros(chunk, table.shape[1])
     rows = torch.arange(len(h), device=h.device)
@@ -995,9 +989,7 @@ def full_ranks(h, table, target, chunk: int = 0, exclude=None) -> torch.Tensor:
     for c in range(0, N, chunk):
         w = table[c:c + chunk]
         torch.mm(h, (w if len(w) == chunk else torch.cat([w, pad[len(w):]])).T, out=s)
-        if exclude is not None:
-            sel = (exclude[1] >= c) & (exclude[1] < c + chunk)
-            s[exclude[0][sel], exclude[1][sel] - c] = float("-inf")
+        mask_out(s, exclude, c)
         own = (target - 1 >= c) & (target - 1 < c + chunk)
         r[own] -= (s[rows[own], target[own] - 1 - c] >= t[own, 0]).long()
         r -= (chunk - len(w)) * (t[:, 0] <= 0).long()  # zero padding scores 0: take back what it added
@@ -1098,7 +1090,7 @@ def content_match_ranks(model, hist, seen, target, negs, text, gammas, cfg, devi
         c = c.scatter_(1, own, 0.0)[:, 1:]
         s_model, buf = Recommender.score(h, table), torch.empty_like(c)
         if cfg.exclude_seen:  # the model's own ranking leaves them out: so does every row built on it
-            s_model.index_put_(own_items(own, t, False), s_model.new_tensor(float("-inf")))
+            mask_out(s_model, own_items(own, t, False))
         for g in out:
             s = only if g == "content_only" else torch.add(s_model, c, alpha=g, out=buf)
             sc = s.gather(1, cand)
