@@ -12,11 +12,11 @@ The backbone reads a user's item sequence and scores every item by a dot product
 Training: `--loss ce` (softmax over all items at every position) or `--loss bce` (one uniform negative per position).
 A user's own items are never candidates (--exclude-seen, default): each position's softmax leaves out the items it has
 read, and the full ranking the user's history. Else the softmax must push the last item read below the next one at
-every step, and with content in the item vectors that also pushes down every item that resembles it.
-Evaluation, leave-one-out: full ranking over all items but the user's own (primary) and sampled-100 (100 negatives
-drawn once with --eval-seed, uniformly, never an item of the user; for validation, none up to the validation target);
-HR/NDCG@{5,10,20} and MRR with ties counted against the target; early stopping and model selection on validation NDCG@10 only (full
-ranking for ce, sampled-100 for bce: --select); test evaluated once at the best epoch.
+every step, and with content in the item vectors that also pushes down every item that resembles it. Evaluation,
+leave-one-out: full ranking over all items but the user's own (primary) and sampled-100 (100 negatives drawn once with
+--eval-seed, uniformly, never an item of the user; for validation, none up to the validation target);
+HR/NDCG@{5,10,20} and MRR with ties counted against the target; early stopping and model selection on validation
+NDCG@10 only (full ranking for ce, sampled-100 for bce: --select); test evaluated once at the best epoch.
 
     python 04_train_backbone.py DATA [--backbone sasrec|gru4rec|bert4rec] [--loss ce|bce] [--views auto|id|dual|A|B]
     torchrun --nproc_per_node N 04_train_backbone.py DATA ...     (DDP: gloo on CPU, NCCL on GPU; rank 0 writes)
