@@ -104,6 +104,14 @@ class Config:
     """scale item i's ID part by pop_i / (pop_i + k), pop = training interactions, k = this; 0 = off"""
     id_free: str = "B"
     """comma-separated views whose item vector is content only, no ID part (e.g. B)"""
+    content_residual: bool = False
+    """score + w x cosine(candidate, the last item read) over the last content view's frozen vectors (centred, full
+    width), w learned with the rest: the content view's near-duplicates, which its d-wide adapter cannot resolve"""
+    residual_k: int = 100
+    """--content-residual: each item's nearest neighbours by that cosine that carry it (0 elsewhere)"""
+    pop_adjust: float = 0.0
+    """logit adjustment: training scores get + this x log(1 + training popularity) of the item (none at evaluation),
+    so the model's own scores hold less of the popularity prior and a rare item ranks by what it is like; 0 = off"""
     train_items: str = "all"
     """items the loss ranks: all | seen (those with a training interaction; a new arrival is never a positive)"""
     exclude_seen: bool = True
@@ -238,6 +246,21 @@ def pca(x: torch.Tensor, k: int) -> torch.Tensor:
     return F.pad(out, (0, k - out.shape[1]))
 
 
+def nearest(x: torch.Tensor, k: int, block: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k nearest other rows by cosine of the centred rows: (item ids [N, k], 1-based; cosines [N, k]).
+    Blocks of rows, so memory is block x N, not N x N."""
+    x = F.normalize(x - x.mean(0), dim=1)
+    k = min(k, len(x) - 1)
+    ids, cos = [], []
+    for b in range(0, len(x), block):
+        c = x[b:b + block] @ x.T
+        c[torch.arange(len(c)), torch.arange(b, b + len(c))] = float("-inf")  # not itself
+        v, i = c.topk(k, dim=1)
+        ids.append(i + 1)
+        cos.append(v)
+    return torch.cat(ids), torch.cat(cos)
+
+
 def semantic_tables(cfg: Config, views: list[str], fused: dict | None, sem: dict | None) -> dict[str, torch.Tensor]:
     """The frozen content table behind each view, [N, df], at unit mean norm (so the adapter's scale does not depend on
     where the table came from). --semantic fused reads stage 3's h_A / h_B; raw reads stage 1 directly: A = the mean of
@@ -290,6 +313,18 @@ class ItemEncoder(nn.Module):
             gate[1:n_items + 1] *= (p / (p + cfg.id_gate))[:, None]
         self.register_buffer("id_scale", None if bool((gate == 1).all()) else gate, persistent=False)
         self.fusion = None
+        self.near = cfg.content_residual  # buffers near_ids / near_cos [N + 2, K]: rows 0 and N + 1 empty
+        if self.near:
+            # A d-wide adapter keeps little of what tells near-duplicate items apart (on Beauty's titles the cosine to
+            # the last item keeps 63% of its tail NDCG@10 through a 32-d PCA, 78% through 64-d, all at full width): the
+            # last content view also scores by the full-width cosine of its frozen vectors, kept for the K nearest
+            if views == ["id"]:
+                raise SystemExit("--content-residual needs a content view (--views dual, A or B)")
+            ids, cos = nearest(tables[views[-1]], cfg.residual_k)
+            pad = lambda t: torch.cat([t.new_zeros(1, t.shape[1]), t, t.new_zeros(1, t.shape[1])])
+            self.register_buffer("near_ids", pad(ids), persistent=False)
+            self.register_buffer("near_cos", pad(cos), persistent=False)
+            self.near_weight = nn.Parameter(torch.tensor(1.0))
         if views != ["id"]:
             widths = [(fused["h_" + v] if cfg.finetune_fusion else tables[v]).shape[1] for v in views]
             self.adapters = nn.ModuleList(nn.Linear(w, d) for w in widths)
@@ -417,6 +452,7 @@ class Recommender(nn.Module):
         super().__init__()
         self.n = n_items
         self.items = ItemEncoder(cfg, n_items, views, fused, sem, pop)
+        self.bidirectional = cfg.backbone == "bert4rec"
         if cfg.backbone == "gru4rec":
             self.backbone = GRU(cfg.hidden, cfg.blocks, cfg.dropout)
         else:
@@ -447,6 +483,22 @@ class Recommender(nn.Module):
         v = self.all_vectors() if vecs is None else vecs
         return v[1:self.n + 1].flatten(1)
 
+    def near_add(self, last):
+        """--content-residual, the score term w * cosine(item, last item read) as sparse (rows, cols, values) for user
+        states whose last item read is `last` [R] (cols 0-based); None when the term is off."""
+        if not self.items.near:
+            return None
+        ids, cos = self.items.near_ids[last], self.items.near_cos[last]  # [R, K]
+        r, k = (ids != 0).nonzero(as_tuple=True)
+        return r, ids[r, k] - 1, self.items.near_weight * cos[r, k]
+
+    def near_at(self, last, items):
+        """The same term for given candidates: last [R], items [R, C] -> [R, C] (0 where it is off)."""
+        if not self.items.near:
+            return 0
+        hit = self.items.near_ids[last][:, None, :] == items[:, :, None]  # [R, C, K]
+        return self.items.near_weight * (hit * self.items.near_cos[last][:, None, :]).sum(-1)
+
     @staticmethod
     def score(h, table):
         """The recommendation score: user states [B, V*d] . item vectors [N, V*d] -> [B, N]. Both sides are the views
@@ -459,14 +511,28 @@ class Recommender(nn.Module):
 # ALGO LOGIC: losses, summed over the predicted positions
 # ----------------------------------------------------------------------------------------------------------------------
 
-def ce_loss_sum(h, table, target, chunk: int = 0, exclude=None):
+def ce_loss_sum(h, table, target, chunk: int = 0, exclude=None, add=None):
     """sum over positions of -log softmax(score(h, items))[target]: the softmax cross-entropy over all items, target ids
     1-based (row r of `table` = item r+1). `exclude` = (rows, cols): score entries left out of the softmax (the user's
-    own items under --exclude-seen; cols 0-based). The definition is the F.cross_entropy lines; SoftmaxCE below computes
-    the same faster on CPU, and in chunks when asked (on a GPU torch's fused cross-entropy is the faster one)."""
+    own items under --exclude-seen; cols 0-based). `add` = (rows, cols, values): sparse terms added to the scores first
+    (--content-residual; values may carry a gradient). The definition is the F.cross_entropy lines; SoftmaxCE below
+    computes the same faster on CPU, and in chunks when asked (on a GPU torch's fused cross-entropy is the faster one)."""
     if h.is_cuda and not 0 < chunk < len(table):
-        return F.cross_entropy(mask_out(Recommender.score(h, table), exclude), target - 1, reduction="sum")
-    return SoftmaxCE.apply(h, table, target - 1, chunk, exclude)
+        s = Recommender.score(h, table)
+        s = s if add is None else s.index_put(add[:2], add[2].to(s.dtype), accumulate=True)
+        return F.cross_entropy(mask_out(s, exclude), target - 1, reduction="sum")
+    no = h.new_zeros(0)
+    return SoftmaxCE.apply(h, table, target - 1, chunk, exclude, add[:2] if add else None, add[2] if add else no)
+
+
+def add_at(s: torch.Tensor, add, c: int = 0) -> torch.Tensor:
+    """Add the sparse `add` = (rows, cols, values) entries that fall in this block of scores (columns c .. c + width),
+    in place (values detached: SoftmaxCE writes their gradient itself). The one step adding --content-residual's term
+    to a score matrix, in the loss, the evaluation and the recommendations."""
+    if add is not None:
+        sel = (add[1] >= c) & (add[1] < c + s.shape[1])
+        s.index_put_((add[0][sel], add[1][sel] - c), add[2][sel].detach().to(s.dtype), accumulate=True)
+    return s
 
 
 def mask_out(s: torch.Tensor, exclude, c: int = 0) -> torch.Tensor:
@@ -497,12 +563,19 @@ def own_items(hist: torch.Tensor, target: torch.Tensor, causal: bool, mask_id: i
     return rid[b, t], ctx[b, t, j] - 1
 
 
-def bce_loss_sum(h, model, target, neg, vecs):
+def bce_loss_sum(h, model, target, neg, vecs, prior=None, last=None):
     """sum over positions of -log sigmoid(score(target)) - log(1 - sigmoid(score(negative))), one sampled negative per
-    position; each position scores only its two items, so the product is row-wise, not the full score matrix."""
+    position; each position scores only its two items, so the product is row-wise, not the full score matrix.
+    `prior` [N + 1] by item id is added to both scores (--pop-adjust); `last` [positions] = the item each position read
+    last, for --content-residual's term."""
     pos_v = vecs[target].flatten(1) if vecs is not None else model.items(target).flatten(1)
     neg_v = vecs[neg].flatten(1) if vecs is not None else model.items(neg).flatten(1)
     pos_s, neg_s = (h * pos_v).sum(-1), (h * neg_v).sum(-1)
+    if last is not None and model.items.near:
+        near = model.near_at(last, torch.stack([target, neg], 1))
+        pos_s, neg_s = pos_s + near[:, 0], neg_s + near[:, 1]
+    if prior is not None:
+        pos_s, neg_s = pos_s + prior[target], neg_s + prior[neg]
     return F.softplus(-pos_s).sum() + F.softplus(neg_s).sum()  # = BCE(pos, 1) + BCE(neg, 0)
 
 
@@ -523,12 +596,13 @@ class SoftmaxCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, W, y, chunk, exclude=None):
+    def forward(ctx, h, W, y, chunk, exclude=None, near=None, near_v=None):
         ctx.chunk = chunk = chunk if 0 < chunk < len(W) else 0
-        ctx.exclude = exclude
-        picked = (h * W[y]).sum()
+        ctx.exclude, ctx.near = exclude, near
+        add = None if near is None else (*near, near_v)
+        picked = (h * W[y]).sum() + (0 if near is None else near_v[near[1] == y[near[0]]].sum())
         if chunk == 0:
-            z = mask_out(h @ W.T, exclude)
+            z = mask_out(add_at(h @ W.T, add), exclude)
             mx = z.max(1, keepdim=True).values
             z.sub_(mx).exp_()
             s = z.sum(1, keepdim=True)
@@ -536,24 +610,32 @@ class SoftmaxCE(torch.autograd.Function):
             return (mx + s.log()).sum() - picked
         lse = torch.full((len(h),), float("-inf"), device=h.device, dtype=h.dtype)
         for c in range(0, len(W), chunk):
-            lse = torch.logaddexp(lse, torch.logsumexp(mask_out(h @ W[c:c + chunk].T, exclude, c), 1))
-        ctx.save_for_backward(h, W, y, lse)
+            lse = torch.logaddexp(lse, torch.logsumexp(mask_out(add_at(h @ W[c:c + chunk].T, add, c), exclude, c), 1))
+        ctx.save_for_backward(h, W, y, lse, near_v)
         return lse.sum() - picked
 
     @staticmethod
     def backward(ctx, g):
+        near = ctx.near  # the added terms' gradient: softmax probability at their entry - 1 at the target
+        dv = None if near is None else -(near[1] == ctx.saved_tensors[2][near[0]]).to(ctx.saved_tensors[0].dtype)
         if ctx.chunk == 0:
             h, W, y, z, s = ctx.saved_tensors
             dh = (z @ W) / s - W[y]
             dW = (z.T @ (h / s)).index_add_(0, y, -h)
-            return dh * g, dW * g, None, None, None
-        h, W, y, lse = ctx.saved_tensors
+            if near is not None:
+                dv = (dv + z[near] / s[near[0], 0]) * g
+            return dh * g, dW * g, None, None, None, None, dv
+        h, W, y, lse, near_v = ctx.saved_tensors
+        add = None if near is None else (*near, near_v)
         dh, dW = -W[y], torch.zeros_like(W).index_add_(0, y, -h)
         for c in range(0, len(W), ctx.chunk):
-            p = torch.exp(mask_out(h @ W[c:c + ctx.chunk].T, ctx.exclude, c) - lse[:, None])
+            p = torch.exp(mask_out(add_at(h @ W[c:c + ctx.chunk].T, add, c), ctx.exclude, c) - lse[:, None])
             dh += p @ W[c:c + ctx.chunk]
             dW[c:c + ctx.chunk] += p.T @ h
-        return dh * g, dW * g, None, None, None
+            if near is not None:
+                sel = (near[1] >= c) & (near[1] < c + ctx.chunk)
+                dv[sel] += p[near[0][sel], near[1][sel] - c]
+        return dh * g, dW * g, None, None, None, None, None if dv is None else dv * g
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -575,6 +657,7 @@ class TrainData:
     scored: np.ndarray | None = None  # --train-items seen: the sorted ids the loss ranks (None: every item)
     valid_seen: np.ndarray | None = None  # --exclude-seen: right-aligned whole histories before the validation target
     test_seen: np.ndarray | None = None  # and before the test target
+    log_pop: np.ndarray | None = None  # [N + 1] log(1 + training interactions) by item id (--pop-adjust)
 
 
 @dataclass
@@ -698,7 +781,7 @@ def build_data(cfg: Config, ds: common.Dataset) -> TrainData:
     own = [right_aligned(x, max(map(len, x), default=1))[0] for x in own] if own else [None, None]
     return TrainData(train_seqs, eval_users, tr[keep], tr_len[keep], np.flatnonzero(keep),
                      user_item_keys(train_seqs, N), (val_hist, val_tgt, val_negs), (test_hist, test_tgt, negs), n_neg,
-                     scored, *own)
+                     scored, *own, np.log1p(np.bincount(np.concatenate(train_seqs), minlength=N + 1)).astype(np.float32))
 
 
 def epoch_draws(cfg: Config, data: TrainData, rng: np.random.Generator, N: int):
@@ -745,17 +828,28 @@ def step_loss(run: Run, rows: np.ndarray, cloze, negatives, norm: float) -> torc
         h, vecs = h.float(), (vecs.float() if vecs is not None else None)
     # --exclude-seen: each position's softmax leaves out the items it has read (BERT4Rec: the row's unmasked items)
     own = own_items(inp, tgt.masked_fill(~pos, 0), not bert, model.n + 1) if cfg.exclude_seen else None
+    # --content-residual: the item each position read last (BERT4Rec: the one left of it) picks the position's term
+    last = (F.pad(inp[:, :-1], (1, 0)) if bert else inp)[pos]
     h, t = h[pos], tgt[pos]  # only non-padding (or masked) positions reach the output layer
+    prior = None
+    if cfg.pop_adjust:  # logit adjustment (Menon et al. 2021): the prior enters the training scores, not the model's
+        prior = cfg.pop_adjust * torch.from_numpy(data.log_pop).to(device)
     if cfg.loss == "ce":
         table = model.table(vecs)
+        if prior is not None:  # score + prior_i as one more dot-product dimension: [h, 1] . [item_i, prior_i]
+            h, table = torch.cat([h, h.new_ones(len(h), 1)], 1), torch.cat([table, prior[1:, None]], 1)
+        add = model.near_add(last)
         if data.scored is not None:  # --train-items seen: the softmax runs over the items training has seen
             keep = torch.from_numpy(data.scored).to(device)
             table, t = table[keep - 1], torch.searchsorted(keep, t) + 1
             own = own if own is None else (own[0], torch.searchsorted(keep, own[1] + 1))
-        loss = ce_loss_sum(h, table, t, cfg.ce_chunk, own)
+            if add is not None:  # neighbours never seen in training leave with their column
+                k = torch.isin(add[1] + 1, keep)
+                add = (add[0][k], torch.searchsorted(keep, add[1][k] + 1), add[2][k])
+        loss = ce_loss_sum(h, table, t, cfg.ce_chunk, own, add)
     else:
         neg = torch.from_numpy(negatives[rows][:, -Lb:]).to(device)[pos]
-        loss = bce_loss_sum(h, model, t, neg, vecs)
+        loss = bce_loss_sum(h, model, t, neg, vecs, prior, last)
     return loss * (run.world / norm)
 
 
@@ -967,16 +1061,17 @@ def count_at_least(s, t) -> torch.Tensor:
     return torch.ge(s, t, out=s).sum(1, dtype=torch.float64 if s.shape[1] >= 2 ** 24 else None).long()
 
 
-def full_ranks(h, table, target, chunk: int = 0, exclude=None) -> torch.Tensor:
+def full_ranks(h, table, target, chunk: int = 0, exclude=None, add=None) -> torch.Tensor:
     """rank = 1 + #{items scoring above the target} + #{other items scoring exactly the same} (ties count against).
 
     Items are scored in chunks of `chunk` (0 = all at once), so memory is users x chunk, not users x items. Exact ties
     need the target's score computed bit for bit like the others: every chunk (the last one zero-padded) and the
     target scores go through the same [B, d] @ [d, chunk] product, and the target's own entry is discounted by index.
+    `add` = sparse score terms (rows, cols, values) added before ranking (--content-residual).
     """
     N = table.shape[0]
     if chunk <= 0 or chunk >= N:
-        s = mask_out(Recommender.score(h, table), exclude)  # exclude: no candidates (--exclude-seen), never a target
+        s = mask_out(add_at(Recommender.score(h, table), add), exclude)  # exclude: never a candidate, never a target
         return count_at_least(s, s.gather(1, target[:, None] - 1))  # includes the target itself: the "1 +"
     pad = table.new_zeros(chunk, table.shape[1])
     rows = torch.arange(len(h), device=h.device)
@@ -985,11 +1080,14 @@ def full_ranks(h, table, target, chunk: int = 0, exclude=None) -> torch.Tensor:
     for g in range(0, len(h), chunk):  # target scores: the targets of `chunk` rows laid out as one chunk
         tv = torch.cat([table[target[g:g + chunk] - 1], pad])[:chunk]
         t[g:g + chunk, 0] = torch.mm(h, tv.T, out=s)[rows[g:g + chunk], rows[g:g + chunk] - g]
+    if add is not None:  # the target's own term, added the same way as in its chunk below
+        at = add[1] == target[add[0]] - 1
+        t.index_put_((add[0][at], torch.zeros_like(add[0][at])), add[2][at].to(t.dtype), accumulate=True)
     r = torch.ones(len(h), dtype=torch.long, device=h.device)
     for c in range(0, N, chunk):
         w = table[c:c + chunk]
         torch.mm(h, (w if len(w) == chunk else torch.cat([w, pad[len(w):]])).T, out=s)
-        mask_out(s, exclude, c)
+        mask_out(add_at(s, add, c), exclude, c)
         own = (target - 1 >= c) & (target - 1 < c + chunk)
         r[own] -= (s[rows[own], target[own] - 1 - c] >= t[own, 0]).long()
         r -= (chunk - len(w)) * (t[:, 0] <= 0).long()  # zero padding scores 0: take back what it added
@@ -997,10 +1095,11 @@ def full_ranks(h, table, target, chunk: int = 0, exclude=None) -> torch.Tensor:
     return r
 
 
-def sampled_ranks(h, table, target, negs) -> torch.Tensor:
-    """Rank of the target among itself + its fixed negatives (same tie rule), scored by one batched matmul."""
+def sampled_ranks(h, table, target, negs, extra=0) -> torch.Tensor:
+    """Rank of the target among itself + its fixed negatives (same tie rule), scored by one batched matmul; `extra`
+    [B, 1 + negatives] is added to those scores (--content-residual's term)."""
     cand = torch.cat([target[:, None], negs], 1) - 1
-    s = torch.bmm(table[cand], h[:, :, None])[..., 0]
+    s = torch.bmm(table[cand], h[:, :, None])[..., 0] + extra
     return 1 + (s[:, 1:] >= s[:, :1]).sum(1)
 
 
@@ -1037,8 +1136,11 @@ def evaluate(model, hist, target, negs, cfg, device, bert: bool, rank=0, world=1
         t = torch.from_numpy(target[idx]).to(device)
         out_m.append(idx)
         own = None if seen is None else own_items(torch.from_numpy(seen[idx]).to(device), t, False)
-        out_f.append(full_ranks(h, table, t, cfg.eval_chunk, own).cpu())
-        out_s.append(sampled_ranks(h, table, t, torch.from_numpy(negs[idx]).to(device)).cpu())
+        last = torch.from_numpy(hist[idx, -1]).to(device)
+        out_f.append(full_ranks(h, table, t, cfg.eval_chunk, own, model.near_add(last)).cpu())
+        negs_i = torch.from_numpy(negs[idx]).to(device)
+        extra = model.near_at(last, torch.cat([t[:, None], negs_i], 1))
+        out_s.append(sampled_ranks(h, table, t, negs_i, extra).cpu())
     parts = [(np.concatenate(out_m) if out_m else mine, torch.cat(out_f).numpy() if out_f else np.zeros(0, np.int64),
               torch.cat(out_s).numpy() if out_s else np.zeros(0, np.int64))]
     if world > 1:  # every rank gets every rank's shard, so all ranks take the same early-stopping decision
@@ -1088,7 +1190,8 @@ def content_match_ranks(model, hist, seen, target, negs, text, gammas, cfg, devi
         c = F.pad(text[torch.from_numpy(hist[idx, -1]).to(device) - 1] @ text.T, (1, 0))  # column 0 = padding
         only = c.scatter(1, own, float("-inf"))[:, 1:]
         c = c.scatter_(1, own, 0.0)[:, 1:]
-        s_model, buf = Recommender.score(h, table), torch.empty_like(c)
+        last = torch.from_numpy(hist[idx, -1]).to(device)
+        s_model, buf = add_at(Recommender.score(h, table), model.near_add(last)), torch.empty_like(c)
         if cfg.exclude_seen:  # the model's own ranking leaves them out: so does every row built on it
             mask_out(s_model, own_items(own, t, False))
         for g in out:
@@ -1368,6 +1471,7 @@ def top_k(model, cfg: Config, seqs: list[np.ndarray], k: int, keep_seen: bool = 
     for b in range(0, len(order), batch):
         idx = order[b:b + batch]
         s = torch.mm(last_states(model, hist[idx], vecs, device, bert), table.T, out=buf[:len(idx)])
+        add_at(s, model.near_add(torch.from_numpy(hist[idx, -1]).to(device)))
         if not keep_seen:  # the whole history, not only the max_len items the backbone reads
             seen = [seqs[u] for u in idx]
             rows = torch.from_numpy(np.repeat(np.arange(len(idx)), [len(x) for x in seen])).to(device)

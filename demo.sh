@@ -15,6 +15,9 @@ python data/prepare.py synthetic --out $D
 python 01_generate_semantics.py $D --mllm compact
 python 02_align.py $D
 python 03_fuse.py $D
-python 04_train_backbone.py $D --views id --train-items seen --name sasrec_id
-python 04_train_backbone.py $D --views dual --train-items seen --name sasrec_dmesr
+# the plain backbone and DMESR side by side, one core each: on a model this small one thread per run is faster than two
+python 04_train_backbone.py $D --views id --train-items seen --threads 1 --name sasrec_id > $D/sasrec_id.log 2>&1 &
+plain=$!
+python 04_train_backbone.py $D --views dual --train-items seen --threads 1 --name sasrec_dmesr
+wait $plain || { cat $D/sasrec_id.log; exit 1; }
 python bench/compare.py $D sasrec_id sasrec_dmesr --plot $D/compare.png

@@ -41,10 +41,10 @@ def random_batch(n_items, B=6, L=10, seed=0):
     return x.masked_fill(torch.arange(L)[None] < (L - lens)[:, None], 0)
 
 
-def make_model(backbone, views=("id",), finetune=False, n_items=30, attention="sdpa", seed=0):
+def make_model(backbone, views=("id",), finetune=False, n_items=30, attention="sdpa", seed=0, residual=False):
     torch.manual_seed(seed)
     cfg = stage4.Config(data="", backbone=backbone, hidden=16, heads=2, blocks=2, max_len=12, attention=attention,
-                        finetune_fusion=finetune)
+                        finetune_fusion=finetune, content_residual=residual)
     fused = fabricate_fused(n_items) if list(views) != ["id"] else None
     return stage4.Recommender(cfg, n_items, list(views), fused).eval()
 
@@ -52,9 +52,10 @@ def make_model(backbone, views=("id",), finetune=False, n_items=30, attention="s
 # ---- no leakage from the future ----
 
 @pytest.mark.parametrize("backbone", ["sasrec", "gru4rec"])
-@pytest.mark.parametrize("views,finetune", [(("id",), False), (("A", "B"), False), (("A", "B"), True)])
-def test_changing_item_t_plus_1_leaves_outputs_up_to_t_unchanged(backbone, views, finetune):
-    model = make_model(backbone, views, finetune)
+@pytest.mark.parametrize("views,finetune,residual", [(("id",), False, False), (("A", "B"), False, False),
+                                                     (("A", "B"), True, False), (("A", "B"), False, True)])
+def test_changing_item_t_plus_1_leaves_outputs_up_to_t_unchanged(backbone, views, finetune, residual):
+    model = make_model(backbone, views, finetune, residual=residual)
     x = random_batch(30)
     with torch.no_grad():
         h = model.states(x)
@@ -251,6 +252,51 @@ def test_excluded_items_leave_the_softmax():
         torch.testing.assert_close(loss, ref)
         for a, b in zip(grads, ref_g):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("loss", ["ce", "bce"])
+def test_pop_adjust_adds_tau_log_popularity_to_the_training_scores_only(tiny_dataset, tmp_path, loss):
+    """--pop-adjust tau: step_loss equals the plain loss over scores + tau * log(1 + training interactions of the item),
+    popularity counted by hand from interactions.csv minus each user's last two items; tau = 0 is the plain loss."""
+    cfg = stage4.Config(data=str(tiny_dataset), loss=loss, hidden=8, dropout=0.0, views="id", exclude_seen=False,
+                        pop_adjust=0.7, threads=1)
+    ds = common.load_dataset(tiny_dataset, check_images=False)
+    data = stage4.build_data(cfg, ds)
+    torch.manual_seed(0)
+    model = stage4.Recommender(cfg, ds.n_items, ["id"], None).eval()
+    run = stage4.Run(cfg, ds, data, ["id"], model, model, None, torch.device("cpu"), 0, 1, tmp_path)
+    rows = np.arange(len(data.tr))
+    neg = np.random.default_rng(0).integers(1, ds.n_items + 1, data.tr.shape)
+    got = stage4.step_loss(run, rows, None, neg, 1.0)
+    pop = np.zeros(ds.n_items + 1)
+    for s in _read_seqs(tiny_dataset).values():
+        for it in s[:-2]:
+            pop[ds.item_ids.index(it) + 1] += 1
+    prior = 0.7 * torch.log1p(torch.tensor(pop, dtype=torch.float32))
+    x = torch.from_numpy(data.tr[:, -(int(data.tr_len.max()) + 1):])
+    inp, tgt = x[:, :-1], x[:, 1:]
+    pos = inp != 0
+    h, vecs = model(inp, True)
+    h, t = h[pos], tgt[pos]
+    s = h @ model.table(vecs).T + prior[1:]
+    if loss == "ce":
+        ref = torch.nn.functional.cross_entropy(s, t - 1, reduction="sum")
+    else:
+        n = torch.from_numpy(neg[:, -inp.shape[1]:])[pos]
+        ref = torch.nn.functional.softplus(-s[torch.arange(len(t)), t - 1]).sum() \
+            + torch.nn.functional.softplus(s[torch.arange(len(t)), n - 1]).sum()
+    torch.testing.assert_close(got, ref)
+    # tau = 0 is the plain loss over the model's own scores (what evaluation ranks): no prior in them
+    run.cfg = stage4.Config(**{**cfg.__dict__, "pop_adjust": 0.0})
+    off = stage4.step_loss(run, rows, None, neg, 1.0)
+    s0 = h @ model.table(vecs).T
+    if loss == "ce":
+        ref0 = torch.nn.functional.cross_entropy(s0, t - 1, reduction="sum")
+    else:
+        ref0 = torch.nn.functional.softplus(-s0[torch.arange(len(t)), t - 1]).sum() \
+            + torch.nn.functional.softplus(s0[torch.arange(len(t)), n - 1]).sum()
+    torch.testing.assert_close(off, ref0)
+    assert abs((off - got).item()) > 1e-3
 
 
 @pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
@@ -457,6 +503,78 @@ def write_semantics(root: Path, seed=0, E=12) -> dict:
     return payload
 
 
+@pytest.mark.parametrize("backbone", ["sasrec", "gru4rec", "bert4rec"])
+@pytest.mark.parametrize("k", [29, 4])
+def test_content_residual_adds_w_times_the_cosine_to_the_last_item(backbone, k):
+    """--content-residual: score = the d-wide views' dot product + w * cosine(centred content of the candidate, of the
+    last item read) for the candidate among that item's k nearest (else + 0); for BERT4Rec the last history item (left
+    of the mask). Checked by hand against the model's own scores through every ranking path."""
+    model = make_model(backbone, ("A", "B"), residual=True)
+    model.items.near_ids, model.items.near_cos = (t.clone() for t in stage4.nearest(model.items.h_B[1:31], k))
+    pad = lambda t: torch.cat([t.new_zeros(1, t.shape[1]), t, t.new_zeros(1, t.shape[1])])
+    model.items.near_ids, model.items.near_cos = pad(model.items.near_ids), pad(model.items.near_cos)
+    with torch.no_grad():
+        model.items.near_weight.fill_(2.5)
+    hist = random_batch(30).numpy()
+    with torch.no_grad():
+        h = stage4.last_states(model, hist, model.all_vectors(), torch.device("cpu"), backbone == "bert4rec")
+        base = h @ model.table().T
+    c = model.items.h_B[1:31]  # view B's frozen table, as its adapter reads it
+    c = torch.nn.functional.normalize(c - c.mean(0), dim=1)
+    cos = c @ c.T
+    cos.fill_diagonal_(float("-inf"))
+    kth = cos.topk(k, dim=1).values[:, -1:]
+    near = torch.where(cos >= kth, cos, torch.zeros(()))  # the k nearest other items keep their cosine, others 0
+    last = torch.from_numpy(hist[:, -1])
+    want = base + 2.5 * near[last - 1]
+    with torch.no_grad():
+        got = stage4.add_at(base.clone(), model.near_add(last))
+        torch.testing.assert_close(got, want)
+        cand = torch.randint(1, 31, (len(last), 7))
+        torch.testing.assert_close(model.near_at(last, cand), 2.5 * near[last - 1].gather(1, cand - 1))
+        # ranks: chunked == unchunked == by hand (ties against the target)
+        t = torch.randint(1, 31, (len(last),))
+        ref = 1 + (want > want.gather(1, t[:, None] - 1)).sum(1) + (want == want.gather(1, t[:, None] - 1)).sum(1) - 1
+        for chunk in (0, 7):
+            assert torch.equal(stage4.full_ranks(h, model.table(), t, chunk, None, model.near_add(last)), ref)
+    with pytest.raises(SystemExit, match="content view"):
+        make_model(backbone, ("id",), residual=True)
+
+
+def test_content_residual_loss_and_weight_gradient_match_cross_entropy():
+    """SoftmaxCE with sparse added terms == F.cross_entropy over the dense scores + those terms, gradients (also of the
+    terms' values, which carry w's) included, chunked or not."""
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(37, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(23, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(1, 24, (37,), generator=g)
+    rows = torch.arange(37).repeat_interleave(5)
+    cols = torch.stack([torch.randperm(23, generator=g)[:5] for _ in range(37)]).flatten()
+    w = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
+    vals = torch.rand(len(rows), dtype=torch.float64, generator=g)
+    ex = (torch.arange(37), (y - 1 + 3) % 23)  # one excluded item per row, never the target
+    dense = torch.zeros(37, 23, dtype=torch.float64).index_put((rows, cols), vals)
+    s = (h @ W.T + w * dense).index_put(ex, torch.tensor(float("-inf"), dtype=torch.float64))
+    ref = torch.nn.functional.cross_entropy(s, y - 1, reduction="sum")
+    ref_g = torch.autograd.grad(ref * 0.3, (h, W, w))
+    for chunk in (0, 5):
+        loss = stage4.ce_loss_sum(h, W, y, chunk, ex, (rows, cols, w * vals))
+        torch.testing.assert_close(loss, ref)
+        for a, b in zip(torch.autograd.grad(loss * 0.3, (h, W, w)), ref_g):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backbone,loss", [("sasrec", "ce"), ("gru4rec", "bce"), ("bert4rec", "ce")])
+def test_content_residual_trains_its_weight_end_to_end(tiny_dataset, backbone, loss):
+    write_semantics(tiny_dataset)
+    cfg = stage4.Config(data=str(tiny_dataset), backbone=backbone, loss=loss, views="dual", semantic="raw",
+                        content_residual=True, hidden=8, epochs=2, batch_size=16, threads=1, content_grid="0,1", name="cr")
+    out = stage4.train(cfg)
+    model, _, _ = stage4.load_trained(tiny_dataset, "cr", "cpu")
+    assert model.items.near and model.items.near_weight.item() != 1.0  # trained, saved, reloaded
+    assert np.isfinite(out["test"]["full"]["NDCG@10"])
+
+
 def test_whitening_gives_unit_covariance_and_pca_the_top_axes():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(500, 6, generator=g, dtype=torch.float64) @ torch.diag(torch.tensor([9.0, 5, 2, 1, .5, .1],
@@ -502,7 +620,7 @@ def test_pca_start_is_content_shaped_at_the_random_inits_scale(tiny_dataset):
 
 
 def test_levers_read_training_interactions_only(tiny_dataset, tmp_path):
-    """Gate, PCA and whitening read content and training interactions: replacing every user's validation AND test
+    """Gate, PCA, whitening and the logit adjustment read content and training interactions: replacing every user's validation AND test
     target leaves the whole training (loss curve) unchanged; validation (which reads its targets) may change."""
     from conftest import write_dataset
     seqs = _read_seqs(tiny_dataset)
@@ -514,7 +632,8 @@ def test_levers_read_training_interactions_only(tiny_dataset, tmp_path):
     for root in (tiny_dataset, other):
         write_semantics(root)
         cfg = stage4.Config(data=str(root), views="dual", semantic="raw", whiten=True, id_init="pca", id_gate=2.0,
-                            id_free="B", hidden=8, epochs=3, batch_size=16, seed=3, threads=1, content_grid="0,1")
+                            id_free="B", pop_adjust=1.0, content_residual=True, hidden=8, epochs=3, batch_size=16, seed=3, threads=1,
+                            content_grid="0,1")
         runs.append(stage4.train(cfg))
     a, b = runs
     assert [r["loss"] for r in a["curve"]] == [r["loss"] for r in b["curve"]]
