@@ -885,8 +885,11 @@ def train_epoch(run: Run, epoch: int) -> tuple[dict, int]:
     dt = time.perf_counter() - t0
     n_seq = sum(len(b) for b in batches)
     # CPU seconds of this process (all threads) beside wall seconds: on a shared machine wall time measures the load
-    return {"epoch": epoch, "loss": total / max(n_pos, 1), "train_seconds": dt, "seq_per_s": n_seq / dt,
-            "train_cpu_seconds": time.process_time() - c0}, n_seq
+    row = {"epoch": epoch, "loss": total / max(n_pos, 1), "train_seconds": dt, "seq_per_s": n_seq / dt,
+           "train_cpu_seconds": time.process_time() - c0}
+    if run.model.items.near:  # --content-residual: how much the learned term weighs
+        row["near_weight"] = run.model.items.near_weight.item()
+    return row, n_seq
 
 
 def validate(run: Run, p: Progress, row: dict) -> None:
@@ -907,8 +910,9 @@ def validate(run: Run, p: Progress, row: dict) -> None:
             save_checkpoint(run.out_dir / "model.pt", run.model, cfg, run.ds, run.views, p.best_epoch)
     else:
         p.bad += 1
+    w = f" content w {row['near_weight']:.2f}" if "near_weight" in row else ""
     log.info(f"epoch {epoch:3d} loss {row['loss']:.4f} valid {cfg.select} NDCG@10 {score:.4f} HR@10 "
-             f"{row['valid'][sel]['HR@10']:.4f} (best {p.best:.4f} @ {p.best_epoch}) | {row['seq_per_s']:.0f} seq/s, "
+             f"{row['valid'][sel]['HR@10']:.4f} (best {p.best:.4f} @ {p.best_epoch}){w} | {row['seq_per_s']:.0f} seq/s, "
              f"train {row['train_seconds']:.1f}s, eval {len(run.data.valid[1]) / row['eval_seconds']:.0f} users/s")
 
 

@@ -572,6 +572,7 @@ def test_content_residual_trains_its_weight_end_to_end(tiny_dataset, backbone, l
     out = stage4.train(cfg)
     model, _, _ = stage4.load_trained(tiny_dataset, "cr", "cpu")
     assert model.items.near and model.items.near_weight.item() != 1.0  # trained, saved, reloaded
+    assert out["curve"][-1]["near_weight"] != 1.0  # and logged per epoch
     assert np.isfinite(out["test"]["full"]["NDCG@10"])
 
 
