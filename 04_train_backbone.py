@@ -106,7 +106,7 @@ class Config:
     """comma-separated views whose item vector is content only, no ID part (e.g. B)"""
     content_residual: bool = False
     """score + w x cosine(candidate, the last item read) over the last content view's frozen vectors (centred, full
-    width), w learned with the rest: the content view's near-duplicates, which its d-wide adapter cannot resolve"""
+    width), w learned with the rest: the near-duplicates a d-wide adapter cannot resolve (no effect with --views id)"""
     residual_k: int = 100
     """--content-residual: each item's nearest neighbours by that cosine that carry it (0 elsewhere)"""
     pop_adjust: float = 0.0
@@ -313,13 +313,12 @@ class ItemEncoder(nn.Module):
             gate[1:n_items + 1] *= (p / (p + cfg.id_gate))[:, None]
         self.register_buffer("id_scale", None if bool((gate == 1).all()) else gate, persistent=False)
         self.fusion = None
-        self.near = cfg.content_residual  # buffers near_ids / near_cos [N + 2, K]: rows 0 and N + 1 empty
+        # buffers near_ids / near_cos [N + 2, K], rows 0 and N + 1 empty; the plain backbone has no content to use
+        self.near = cfg.content_residual and views != ["id"]
         if self.near:
             # A d-wide adapter keeps little of what tells near-duplicate items apart (on Beauty's titles the cosine to
             # the last item keeps 63% of its tail NDCG@10 through a 32-d PCA, 78% through 64-d, all at full width): the
             # last content view also scores by the full-width cosine of its frozen vectors, kept for the K nearest
-            if views == ["id"]:
-                raise SystemExit("--content-residual needs a content view (--views dual, A or B)")
             ids, cos = nearest(tables[views[-1]], cfg.residual_k)
             pad = lambda t: torch.cat([t.new_zeros(1, t.shape[1]), t, t.new_zeros(1, t.shape[1])])
             self.register_buffer("near_ids", pad(ids), persistent=False)
