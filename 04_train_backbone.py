@@ -104,7 +104,7 @@ class Config:
     """scale item i's ID part by pop_i / (pop_i + k), pop = training interactions, k = this; 0 = off"""
     id_free: str = "B"
     """comma-separated views whose item vector is content only, no ID part (e.g. B)"""
-    content_residual: bool = False
+    content_residual: bool = True
     """score + w x cosine(candidate, the last item read) over the last content view's frozen vectors (centred, full
     width), w learned with the rest: the near-duplicates a d-wide adapter cannot resolve (no effect with --views id)"""
     residual_k: int = 100

@@ -42,6 +42,8 @@ def reference(data, run, history: list[str], k: int, keep_seen: bool) -> list[tu
     x = seq[-(cfg.max_len - bert):] + ([ds.n_items + 1] if bert else [])  # BERT4Rec: predict a mask after the history
     with torch.no_grad():
         s = model.table() @ model.states(torch.tensor([x]))[0, -1]
+        if model.items.near:  # + the content residual (dual view): w x cosine to the last history item's nearest
+            s = s + model.near_at(torch.tensor([seq[-1]]), torch.arange(1, ds.n_items + 1)[None])[0]
     if not keep_seen:
         s[torch.tensor(seq) - 1] = float("-inf")
     top = torch.argsort(s, descending=True)[:k].tolist()
