@@ -495,8 +495,11 @@ class Recommender(nn.Module):
         """The same term for given candidates: last [R], items [R, C] -> [R, C] (0 where it is off)."""
         if not self.items.near:
             return 0
-        hit = self.items.near_ids[last][:, None, :] == items[:, :, None]  # [R, C, K]
-        return self.items.near_weight * (hit * self.items.near_cos[last][:, None, :]).sum(-1)
+        ids, cos = self.items.near_ids[last], self.items.near_cos[last]  # [R, K]
+        if self.n + 1 <= items.shape[1] * ids.shape[1]:  # cheaper: each row's cosines spread over all items [R, N + 1]
+            return self.items.near_weight * cos.new_zeros(len(ids), self.n + 1).scatter_(1, ids, cos).gather(1, items)
+        hit = ids[:, None, :] == items[:, :, None]  # [R, C, K]; id 0 (empty slot) never matches an item
+        return self.items.near_weight * (hit * cos[:, None, :]).sum(-1)
 
     @staticmethod
     def score(h, table):
@@ -530,7 +533,7 @@ def add_at(s: torch.Tensor, add, c: int = 0) -> torch.Tensor:
     to a score matrix, in the loss, the evaluation and the recommendations."""
     if add is not None:
         sel = (add[1] >= c) & (add[1] < c + s.shape[1])
-        s.index_put_((add[0][sel], add[1][sel] - c), add[2][sel].detach().to(s.dtype), accumulate=True)
+        s[add[0][sel], add[1][sel] - c] += add[2][sel].detach().to(s.dtype)  # (row, col) pairs are distinct
     return s
 
 
