@@ -5,7 +5,8 @@ The backbone reads a user's item sequence and scores every item by a dot product
   id    the plain backbone: a learned ID embedding per item (the baseline);
   dual  DMESR: two views per item, A = adapter(h_A) and B = adapter(h_B) from stage 3's fused.pt (+ an ID embedding
         each, --no-id-emb drops it); one shared backbone encodes each view's sequence; the user vector is the concat of
-        the two last states and the item vector the concat of the two view vectors;
+        the two last states and the item vector the concat of the two view vectors; the score also adds w x
+        cosine(candidate, last item read) over view B's frozen content at full width (--content-residual, w learned);
   A, B  one fused view only (ablations).
 `--finetune-fusion` rebuilds stage 3's BiCrossFusion module and trains it end to end with the recommendation loss.
 
@@ -518,7 +519,7 @@ def ce_loss_sum(h, table, target, chunk: int = 0, exclude=None, add=None):
     1-based (row r of `table` = item r+1). `exclude` = (rows, cols): score entries left out of the softmax (the user's
     own items under --exclude-seen; cols 0-based). `add` = (rows, cols, values): sparse terms added to the scores first
     (--content-residual; values may carry a gradient). The definition is the F.cross_entropy lines; SoftmaxCE below
-    computes the same faster on CPU, and in chunks when asked (on a GPU torch's fused cross-entropy is the faster one)."""
+    computes the same faster on CPU, and in chunks when asked (on a GPU torch's fused cross-entropy is faster)."""
     if h.is_cuda and not 0 < chunk < len(table):
         s = Recommender.score(h, table)
         s = s if add is None else s.index_put(add[:2], add[2].to(s.dtype), accumulate=True)
@@ -781,9 +782,10 @@ def build_data(cfg: Config, ds: common.Dataset) -> TrainData:
                  "seen there are ranked in evaluation all the same)")
     own = [[train_seqs[u] for u in eval_users], [ds.seqs[u][:-1] for u in eval_users]] if cfg.exclude_seen else None
     own = [right_aligned(x, max(map(len, x), default=1))[0] for x in own] if own else [None, None]
+    log_pop = np.log1p(np.bincount(np.concatenate(train_seqs), minlength=N + 1)).astype(np.float32)
     return TrainData(train_seqs, eval_users, tr[keep], tr_len[keep], np.flatnonzero(keep),
                      user_item_keys(train_seqs, N), (val_hist, val_tgt, val_negs), (test_hist, test_tgt, negs), n_neg,
-                     scored, *own, np.log1p(np.bincount(np.concatenate(train_seqs), minlength=N + 1)).astype(np.float32))
+                     scored, *own, log_pop)
 
 
 def epoch_draws(cfg: Config, data: TrainData, rng: np.random.Generator, N: int):
@@ -914,8 +916,9 @@ def validate(run: Run, p: Progress, row: dict) -> None:
         p.bad += 1
     w = f" content w {row['near_weight']:.2f}" if "near_weight" in row else ""
     log.info(f"epoch {epoch:3d} loss {row['loss']:.4f} valid {cfg.select} NDCG@10 {score:.4f} HR@10 "
-             f"{row['valid'][sel]['HR@10']:.4f} (best {p.best:.4f} @ {p.best_epoch}){w} | {row['seq_per_s']:.0f} seq/s, "
-             f"train {row['train_seconds']:.1f}s, eval {len(run.data.valid[1]) / row['eval_seconds']:.0f} users/s")
+             f"{row['valid'][sel]['HR@10']:.4f} (best {p.best:.4f} @ {p.best_epoch}){w} | "
+             f"{row['seq_per_s']:.0f} seq/s, train {row['train_seconds']:.1f}s, "
+             f"eval {len(run.data.valid[1]) / row['eval_seconds']:.0f} users/s")
 
 
 def fit(run: Run, p: Progress, start: int, stop: dict) -> str | None:

@@ -567,7 +567,8 @@ def test_content_residual_loss_and_weight_gradient_match_cross_entropy():
 def test_content_residual_trains_its_weight_end_to_end(tiny_dataset, backbone, loss):
     write_semantics(tiny_dataset)
     cfg = stage4.Config(data=str(tiny_dataset), backbone=backbone, loss=loss, views="dual", semantic="raw",
-                        content_residual=True, hidden=8, epochs=2, batch_size=16, threads=1, content_grid="0,1", name="cr")
+                        content_residual=True, hidden=8, epochs=2, batch_size=16, threads=1, content_grid="0,1",
+                        name="cr")
     out = stage4.train(cfg)
     model, _, _ = stage4.load_trained(tiny_dataset, "cr", "cpu")
     assert model.items.near and model.items.near_weight.item() != 1.0  # trained, saved, reloaded
@@ -620,8 +621,9 @@ def test_pca_start_is_content_shaped_at_the_random_inits_scale(tiny_dataset):
 
 
 def test_levers_read_training_interactions_only(tiny_dataset, tmp_path):
-    """Gate, PCA, whitening and the logit adjustment read content and training interactions: replacing every user's validation AND test
-    target leaves the whole training (loss curve) unchanged; validation (which reads its targets) may change."""
+    """Gate, PCA, whitening, the logit adjustment and the content residual read content and training interactions:
+    replacing every user's validation AND test target leaves the whole training (loss curve) unchanged; validation
+    (which reads its targets) may change."""
     from conftest import write_dataset
     seqs = _read_seqs(tiny_dataset)
     items = [json.loads(line) for line in open(tiny_dataset / "items.jsonl")]
@@ -632,8 +634,8 @@ def test_levers_read_training_interactions_only(tiny_dataset, tmp_path):
     for root in (tiny_dataset, other):
         write_semantics(root)
         cfg = stage4.Config(data=str(root), views="dual", semantic="raw", whiten=True, id_init="pca", id_gate=2.0,
-                            id_free="B", pop_adjust=1.0, content_residual=True, hidden=8, epochs=3, batch_size=16, seed=3, threads=1,
-                            content_grid="0,1")
+                            id_free="B", pop_adjust=1.0, content_residual=True, hidden=8, epochs=3, batch_size=16,
+                            seed=3, threads=1, content_grid="0,1")
         runs.append(stage4.train(cfg))
     a, b = runs
     assert [r["loss"] for r in a["curve"]] == [r["loss"] for r in b["curve"]]
