@@ -660,7 +660,7 @@ class TrainData:
     scored: np.ndarray | None = None  # --train-items seen: the sorted ids the loss ranks (None: every item)
     valid_seen: np.ndarray | None = None  # --exclude-seen: right-aligned whole histories before the validation target
     test_seen: np.ndarray | None = None  # and before the test target
-    log_pop: np.ndarray | None = None  # [N + 1] log(1 + training interactions) by item id (--pop-adjust)
+    pop: np.ndarray | None = None  # [N + 1] training interactions by item id (--id-gate, --pop-adjust)
 
 
 @dataclass
@@ -709,8 +709,7 @@ def train(cfg: Config) -> dict:
     common.log_config(cfg)
     data = build_data(cfg, ds)
 
-    pop = np.bincount(np.concatenate(data.train_seqs), minlength=ds.n_items + 1)[1:]  # training interactions only
-    model = Recommender(cfg, ds.n_items, views, fused, sem, pop).to(device)
+    model = Recommender(cfg, ds.n_items, views, fused, sem, data.pop[1:]).to(device)
     ddp = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
@@ -782,10 +781,10 @@ def build_data(cfg: Config, ds: common.Dataset) -> TrainData:
                  "seen there are ranked in evaluation all the same)")
     own = [[train_seqs[u] for u in eval_users], [ds.seqs[u][:-1] for u in eval_users]] if cfg.exclude_seen else None
     own = [right_aligned(x, max(map(len, x), default=1))[0] for x in own] if own else [None, None]
-    log_pop = np.log1p(np.bincount(np.concatenate(train_seqs), minlength=N + 1)).astype(np.float32)
+    pop = np.bincount(np.concatenate(train_seqs), minlength=N + 1)  # training interactions only
     return TrainData(train_seqs, eval_users, tr[keep], tr_len[keep], np.flatnonzero(keep),
                      user_item_keys(train_seqs, N), (val_hist, val_tgt, val_negs), (test_hist, test_tgt, negs), n_neg,
-                     scored, *own, log_pop)
+                     scored, *own, pop)
 
 
 def epoch_draws(cfg: Config, data: TrainData, rng: np.random.Generator, N: int):
@@ -837,7 +836,7 @@ def step_loss(run: Run, rows: np.ndarray, cloze, negatives, norm: float) -> torc
     h, t = h[pos], tgt[pos]  # only non-padding (or masked) positions reach the output layer
     prior = None
     if cfg.pop_adjust:  # logit adjustment (Menon et al. 2021): the prior enters the training scores, not the model's
-        prior = cfg.pop_adjust * torch.from_numpy(data.log_pop).to(device)
+        prior = cfg.pop_adjust * torch.log1p(torch.from_numpy(data.pop).float()).to(device)
     if cfg.loss == "ce":
         table = model.table(vecs)
         if prior is not None:  # score + prior_i as one more dot-product dimension: [h, 1] . [item_i, prior_i]
