@@ -186,17 +186,6 @@ def training_pairs(train_seqs, max_pairs: int = 0, seed: int = 0) -> np.ndarray:
     return pairs
 
 
-def info_nce(query, key, tau, key_ids=None):
-    """InfoNCE with in-batch negatives: row k's positive is key k. Columns holding the same item as the positive (a
-    popular next item appears several times in a batch) are not counted as negatives."""
-    logits = F.normalize(query, dim=-1) @ F.normalize(key, dim=-1).T / tau
-    target = torch.arange(len(query), device=query.device)
-    if key_ids is not None:
-        dup = (key_ids[:, None] == key_ids[None, :]) & ~torch.eye(len(key_ids), dtype=torch.bool, device=query.device)
-        logits = logits.masked_fill(dup, float("-inf"))
-    return F.cross_entropy(logits, target)
-
-
 class Pretrainer(nn.Module):
     """The fusion module plus the small heads of its pretraining losses (discarded afterwards)."""
 
@@ -210,10 +199,10 @@ class Pretrainer(nn.Module):
         items, inv = torch.unique(torch.cat([src, dst]), return_inverse=True)
         h_a, h_b = self.fusion(*(t[items] for t in inputs))
         s, t = inv[:len(src)], inv[len(src):]
-        l_next = (info_nce(self.next_a(h_a[s]), h_a[t], cfg.tau, dst)
-                  + info_nce(self.next_b(h_b[s]), h_b[t], cfg.tau, dst))
+        l_next = (common.info_nce(self.next_a(h_a[s]), h_a[t], cfg.tau, dst)
+                  + common.info_nce(self.next_b(h_b[s]), h_b[t], cfg.tau, dst))
         # agreement: the two views of one item identify it among the batch's items
-        l_agree = 0.5 * (info_nce(h_a, h_b, cfg.tau) + info_nce(h_b, h_a, cfg.tau))
+        l_agree = 0.5 * (common.info_nce(h_a, h_b, cfg.tau) + common.info_nce(h_b, h_a, cfg.tau))
         return l_next + cfg.agree_weight * l_agree, l_next.detach(), l_agree.detach()
 
 

@@ -113,6 +113,11 @@ class Config:
     pop_adjust: float = 0.0
     """logit adjustment: training scores get + this x log(1 + training popularity) of the item (none at evaluation),
     so the model's own scores hold less of the popularity prior and a rare item ranks by what it is like; 0 = off"""
+    id_align: float = 0.0
+    """item-level alignment (FAERec, LLMEmb): + this x a symmetric InfoNCE between each content view's adapter output
+    and the ID vector of the same item, over the batch's distinct target items; 0 = off (no effect with --views id)"""
+    id_align_tau: float = 0.05
+    """--id-align: InfoNCE temperature"""
     train_items: str = "all"
     """items the loss ranks: all | seen (those with a training interaction; a new arrival is never a positive)"""
     exclude_seen: bool = True
@@ -295,6 +300,7 @@ class ItemEncoder(nn.Module):
         V = len(views)
         free = {v.strip() for v in cfg.id_free.split(",") if v.strip()}
         with_id = [v == "id" or (cfg.id_emb and v not in free) for v in views]
+        self.with_id = with_id
         self.emb = nn.Embedding(n_items + 2, V * d, padding_idx=0) if any(with_id) else None
         tables = semantic_tables(cfg, views, fused, sem) if views != ["id"] else None  # fine-tuned: for the PCA start
         if self.emb is not None:
@@ -348,6 +354,16 @@ class ItemEncoder(nn.Module):
                              self.in_fine_mask[rows])
         keep = ((uniq >= 1) & (uniq <= self.n))[:, None].to(hA.dtype)
         return [({"A": hA, "B": hB}[v] * keep)[inv] for v in self.views]
+
+    def id_alignment(self, ids, tau: float) -> torch.Tensor:
+        """--id-align: each content view's adapter output and the ID vector of the same item find each other among the
+        given distinct items (symmetric InfoNCE). The adapter, shared by every item, learns to put content where
+        training put the IDs of items it has seen often, so an item seen rarely gets a collaborative-looking vector
+        from its content. The ID vector is that of the first view with an ID part (a content-only view has none)."""
+        k = self.with_id.index(True)
+        e = self.emb(ids)[:, k * self.d:(k + 1) * self.d]
+        z = [a(h) for a, h in zip(self.adapters, self.content(ids))]
+        return sum(0.5 * (common.info_nce(c, e, tau) + common.info_nce(e, c, tau)) for c in z) / len(z)
 
     def forward(self, ids):
         shape = (*ids.shape, len(self.views), self.d)
@@ -834,6 +850,10 @@ def step_loss(run: Run, rows: np.ndarray, cloze, negatives, norm: float) -> torc
     # --content-residual: the item each position read last (BERT4Rec: the one left of it) picks the position's term
     last = (F.pad(inp[:, :-1], (1, 0)) if bert else inp)[pos]
     h, t = h[pos], tgt[pos]  # only non-padding (or masked) positions reach the output layer
+    # --id-align: over the distinct items this batch predicts (each has training interactions), float32 like the loss
+    align = 0  # (the plain backbone has no content to align: no effect with --views id)
+    if cfg.id_align and model.items.views != ["id"]:
+        align = cfg.id_align * model.items.id_alignment(torch.unique(t), cfg.id_align_tau)
     prior = None
     if cfg.pop_adjust:  # logit adjustment (Menon et al. 2021): the prior enters the training scores, not the model's
         prior = cfg.pop_adjust * torch.log1p(torch.from_numpy(data.pop).float()).to(device)
@@ -853,7 +873,8 @@ def step_loss(run: Run, rows: np.ndarray, cloze, negatives, norm: float) -> torc
     else:
         neg = torch.from_numpy(negatives[rows][:, -Lb:]).to(device)[pos]
         loss = bce_loss_sum(h, model, t, neg, vecs, prior, last)
-    return loss * (run.world / norm)
+    # under torchrun each rank aligns its own rows' items; DDP's gradient average then averages the ranks' terms
+    return loss * (run.world / norm) + align
 
 
 def train_epoch(run: Run, epoch: int) -> tuple[dict, int]:
@@ -1336,7 +1357,8 @@ def resolve_views(cfg: Config) -> tuple[list[str], Path | None, str]:
     if cfg.semantic not in ("fused", "raw", "both") or cfg.id_init not in ("random", "pca"):
         raise SystemExit(f"--semantic {cfg.semantic!r} / --id-init {cfg.id_init!r}: expected fused|raw|both / "
                          "random|pca")
-    bad = {v.strip() for v in cfg.id_free.split(",") if v.strip()} - {"A", "B"}
+    free = {v.strip() for v in cfg.id_free.split(",") if v.strip()}
+    bad = free - {"A", "B"}
     if bad:
         raise SystemExit(f"--id-free {cfg.id_free!r}: expected a comma-separated subset of A, B")
     if cfg.finetune_fusion and (cfg.semantic != "fused" or cfg.whiten):
@@ -1344,6 +1366,9 @@ def resolve_views(cfg: Config) -> tuple[list[str], Path | None, str]:
                          "with --semantic fused and --no-whiten (whitening is fitted once, on frozen tables)")
     if cfg.hidden % cfg.heads:
         raise SystemExit(f"--hidden {cfg.hidden} must be divisible by --heads {cfg.heads}")
+    if cfg.id_align and views != ["id"] and (not cfg.id_emb or set(views) <= free):
+        raise SystemExit(f"--id-align {cfg.id_align} aligns content with the ID table, but no view of {views} has an "
+                         f"ID part (--id-free {cfg.id_free!r}{', --no-id-emb' if not cfg.id_emb else ''})")
     return views, (fused_path if views != ["id"] else None), mode
 
 

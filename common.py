@@ -95,7 +95,7 @@ def log_config(cfg) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Seeding, device, attention
+# Seeding, device, attention, InfoNCE
 # ----------------------------------------------------------------------------------------------------------------------
 
 def seed_everything(seed: int) -> None:
@@ -120,6 +120,17 @@ def attend(q, k, v, mask, dropout: float = 0.0, impl: str = "sdpa"):
     s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     a = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
     return F.dropout(a, dropout, training=dropout > 0) @ v
+
+
+def info_nce(query, key, tau: float, key_ids=None):
+    """InfoNCE with in-batch negatives: row k's positive is key k. Columns holding the same item as the positive (a
+    popular next item appears several times in a batch; pass its ids as key_ids) are not counted as negatives."""
+    logits = F.normalize(query, dim=-1) @ F.normalize(key, dim=-1).T / tau
+    target = torch.arange(len(query), device=query.device)
+    if key_ids is not None:
+        dup = (key_ids[:, None] == key_ids[None, :]) & ~torch.eye(len(key_ids), dtype=torch.bool, device=query.device)
+        logits = logits.masked_fill(dup, float("-inf"))
+    return F.cross_entropy(logits, target)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -57,6 +57,8 @@ VARIANTS = [
     ("popadj", "lever on: logit adjustment by training popularity (tau = 1)",
      ["--views", "dual", "--fused", "{data}/fused.pt", "--pop-adjust", "1"], "fused.pt"),
     ("idpopadj", "plain backbone + logit adjustment (tau = 1)", ["--views", "id", "--pop-adjust", "1"], None),
+    ("idalign", "lever on: item-level alignment of adapter outputs with the ID table (weight 0.1)",
+     ["--views", "dual", "--fused", "{data}/fused.pt", "--id-align", "0.1"], "fused.pt"),
     ("raw", "lever: stage-1 vectors instead of stage 3's fused views", ["--views", "dual", "--semantic", "raw"],
      None),
     ("both", "lever: stage-1 vectors beside stage 3's fused views", ["--views", "dual", "--fused", "{data}/fused.pt",

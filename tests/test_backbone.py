@@ -576,6 +576,40 @@ def test_content_residual_trains_its_weight_end_to_end(tiny_dataset, backbone, l
     assert np.isfinite(out["test"]["full"]["NDCG@10"])
 
 
+@pytest.mark.parametrize("id_free", ["B", ""])
+def test_id_align_adds_the_symmetric_infonce_of_adapter_outputs_and_id_vectors(tiny_dataset, tmp_path, id_free):
+    """--id-align lam: step_loss = the loss without it + lam x the mean over content views of the symmetric InfoNCE
+    between adapter(content_i) and the ID vector of item i (the first view with an ID part) over the batch's distinct
+    targets, written out by hand with cross_entropy; the gradient reaches the adapters and the ID table."""
+    payload = write_semantics(tiny_dataset)
+    cfg = stage4.Config(data=str(tiny_dataset), hidden=8, dropout=0.0, views="dual", semantic="raw", id_free=id_free,
+                        id_align=0.3, id_align_tau=0.07, content_residual=False, threads=1)
+    ds = common.load_dataset(tiny_dataset, check_images=False)
+    data = stage4.build_data(cfg, ds)
+    torch.manual_seed(0)
+    model = stage4.Recommender(cfg, ds.n_items, ["A", "B"], None, payload, data.pop[1:]).eval()
+    run = stage4.Run(cfg, ds, data, ["A", "B"], model, model, None, torch.device("cpu"), 0, 1, tmp_path)
+    rows = np.arange(len(data.tr))
+    got = stage4.step_loss(run, rows, None, None, 1.0)
+    run.cfg = stage4.Config(**{**cfg.__dict__, "id_align": 0.0})
+    plain = stage4.step_loss(run, rows, None, None, 1.0)
+    x = torch.from_numpy(data.tr[:, -(int(data.tr_len.max()) + 1):])
+    t = x[:, 1:][x[:, :-1] != 0].unique()
+    e = model.items.emb.weight[t, :8]  # view A's ID block: A has an ID part in both settings
+    F = torch.nn.functional
+    ref = 0
+    for k, v in enumerate("AB"):
+        z = model.items.adapters[k](getattr(model.items, "h_" + v)[t])
+        logits = F.normalize(z, dim=-1) @ F.normalize(e, dim=-1).T / 0.07
+        y = torch.arange(len(t))
+        ref = ref + 0.5 * (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y))
+    torch.testing.assert_close(got, plain + 0.3 * ref / 2)
+    (got - plain).backward()
+    assert model.items.adapters[1].weight.grad.abs().sum() > 0 and model.items.emb.weight.grad[t, :8].abs().sum() > 0
+    with pytest.raises(SystemExit, match="no view"):  # nothing to align with
+        stage4.resolve_views(stage4.Config(data=str(tiny_dataset), views="dual", id_free="A,B", id_align=1.0))
+
+
 def test_whitening_gives_unit_covariance_and_pca_the_top_axes():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(500, 6, generator=g, dtype=torch.float64) @ torch.diag(torch.tensor([9.0, 5, 2, 1, .5, .1],
@@ -621,7 +655,8 @@ def test_pca_start_is_content_shaped_at_the_random_inits_scale(tiny_dataset):
 
 
 def test_levers_read_training_interactions_only(tiny_dataset, tmp_path):
-    """Gate, PCA, whitening, the logit adjustment and the content residual read content and training interactions:
+    """Gate, PCA, whitening, the logit adjustment, the content residual and the ID alignment read content and training
+    interactions:
     replacing every user's validation AND test target leaves the whole training (loss curve) unchanged; validation
     (which reads its targets) may change."""
     from conftest import write_dataset
@@ -634,8 +669,8 @@ def test_levers_read_training_interactions_only(tiny_dataset, tmp_path):
     for root in (tiny_dataset, other):
         write_semantics(root)
         cfg = stage4.Config(data=str(root), views="dual", semantic="raw", whiten=True, id_init="pca", id_gate=2.0,
-                            id_free="B", pop_adjust=1.0, content_residual=True, hidden=8, epochs=3, batch_size=16,
-                            seed=3, threads=1, content_grid="0,1")
+                            id_free="B", pop_adjust=1.0, content_residual=True, id_align=0.5, hidden=8, epochs=3,
+                            batch_size=16, seed=3, threads=1, content_grid="0,1")
         runs.append(stage4.train(cfg))
     a, b = runs
     assert [r["loss"] for r in a["curve"]] == [r["loss"] for r in b["curve"]]
