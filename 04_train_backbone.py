@@ -1009,8 +1009,8 @@ def resume_progress(run: Run) -> tuple[Progress, int]:
         start = ck["epoch"] + 1
         set_rng_state(ck["rng"][run.rank], run.device)
         log.info(f"resumed {last} after epoch {ck['epoch']} (best {p.best:.4f} @ {p.best_epoch})")
-    if run.rank == 0:  # the leftovers of a write killed half-way
-        for tmp in run.out_dir.glob(".last.pt.tmp*"):
+    if run.rank == 0:  # the leftovers of a write killed half-way (last.pt, model.pt or results.json: any of them)
+        for tmp in run.out_dir.glob(".*.tmp*"):
             tmp.unlink(missing_ok=True)
     return p, start
 
