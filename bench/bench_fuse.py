@@ -33,9 +33,9 @@ GROUPS = [  # profiler op name fragments -> what the time is spent on (first mat
     ("matmul", ("::mm", "addmm", "bmm", "matmul", "linear")),
     ("loss", ("cross_entropy", "nll", "log_softmax", "vector_norm")),
     ("attention", ("attention", "softmax", "_efficient", "flash")),
-    ("norm + activation + dropout", ("layer_norm", "gelu", "dropout", "native_dropout", "bernoulli")),
-    ("gather / copy / mask", ("index", "gather", "copy_", "to_copy", "cat", "where", "masked", "unique", "argsort",
-                              "sort", "nonzero", "clone", "contiguous", "slice", "select")),
+    ("norm + activation + dropout", ("layer_norm", "gelu", "dropout", "bernoulli")),
+    ("gather / copy / mask", ("index", "gather", "copy_", "to_copy", "cat", "where", "masked", "unique", "sort",
+                              "nonzero", "clone", "contiguous", "slice", "select")),
     ("optimiser", ("adam", "_foreach", "lerp", "addcdiv", "sqrt", "zero_")),
 ]
 

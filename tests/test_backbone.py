@@ -656,9 +656,8 @@ def test_pca_start_is_content_shaped_at_the_random_inits_scale(tiny_dataset):
 
 def test_levers_read_training_interactions_only(tiny_dataset, tmp_path):
     """Gate, PCA, whitening, the logit adjustment, the content residual and the ID alignment read content and training
-    interactions:
-    replacing every user's validation AND test target leaves the whole training (loss curve) unchanged; validation
-    (which reads its targets) may change."""
+    interactions: replacing every user's validation AND test target leaves the whole training (loss curve) unchanged;
+    validation (which reads its targets) may change."""
     from conftest import write_dataset
     seqs = _read_seqs(tiny_dataset)
     items = [json.loads(line) for line in open(tiny_dataset / "items.jsonl")]
