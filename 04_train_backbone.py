@@ -27,7 +27,8 @@ NDCG@10 only (full ranking for ce, sampled-100 for bce: --select); test evaluate
 Reads DATA/interactions.csv, DATA/items.jsonl and, for the fused views, DATA/fused.pt (or --fused).
 Writes DATA/runs/<name>/results.json (config, validation curve, best epoch, test metrics, groups, throughput) and
 DATA/runs/<name>/model.pt (best-epoch weights; saved each time validation improves, so a crash loses nothing) and
-DATA/runs/<name>/last.pt (the whole run state each epoch: `--resume` continues a killed run to the same results).
+DATA/runs/<name>/last.pt (the whole run state each epoch: `--resume` continues a killed run to the same results;
+`--resume --epochs N` with a larger N extends a run that stopped at its epoch budget).
 """
 from __future__ import annotations
 
@@ -202,7 +203,8 @@ class Config:
     checkpoint_every: int = 1
     """epochs between writes of DATA/runs/<name>/last.pt (model, optimiser, generators, early stopping); 0 = never"""
     resume: bool = False
-    """continue the run from DATA/runs/<name>/last.pt (refused if config or dataset differ; no file: start afresh)"""
+    """continue the run from DATA/runs/<name>/last.pt (refused if config or dataset differ, except a larger --epochs,
+    which extends a run that hit its budget; no file: start afresh)"""
 
     def __post_init__(self):  # -1 resolved at once, so results.json records what the run used
         if self.backbone in DROPOUT:  # (an unknown backbone is refused with a clear message by resolve_views)
@@ -1439,8 +1441,10 @@ def load_resume(path: Path, cfg, ds, world: int) -> dict | None:
         raise SystemExit(f"--resume: {path} was written for another dataset (fingerprint {ck['fingerprint']}, "
                          f"{cfg.data} is {ds.fingerprint}); run without --resume or with another --name")
     now = asdict(cfg)
+    # a larger --epochs extends a run that hit its budget: the epochs already run are those the longer run starts with
+    grown = ck["config"].get("epochs") is not None and cfg.epochs >= ck["config"]["epochs"]
     diff = [f"--{k.replace('_', '-')} {ck['config'].get(k)!r} there, {v!r} now" for k, v in now.items()
-            if k not in RESUME_FREE and ck["config"].get(k) != v]
+            if k not in RESUME_FREE and ck["config"].get(k) != v and not (k == "epochs" and grown)]
     if diff:
         raise SystemExit(f"--resume: {path} was written with another config ({'; '.join(diff)}); resume with the "
                          f"same flags, or run without --resume or with another --name")

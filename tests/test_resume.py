@@ -168,6 +168,20 @@ def test_resume_refuses_another_config_or_dataset(tiny_dataset, tmp_path):
     assert again["resumed_after_epochs"] == [2]
 
 
+def test_resume_with_a_larger_epoch_budget_equals_a_run_started_with_it(tiny_dataset):
+    # a run that hit --epochs 3 (patience long enough not to stop it), extended to 5: the same as 5 from the start
+    # (--eval-every 1, so the old budget's last epoch was evaluated either way)
+    args = [str(tiny_dataset), *ARGS, "--patience", "50"]
+    cfg = stage4.common.parse_config(stage4.Config, [*args, "--epochs", "3", "--name", "grow"])
+    assert stage4.train(cfg)["epochs_run"] == 3
+    with pytest.raises(SystemExit, match=r"--epochs 3 there, 2 now"):  # a smaller budget is another run
+        stage4.train(replace(cfg, resume=True, epochs=2))
+    grown = stage4.train(replace(cfg, resume=True, epochs=5))
+    straight = stage4.train(stage4.common.parse_config(stage4.Config, [*args, "--epochs", "5", "--name", "five"]))
+    same_run(grown, straight)
+    assert grown["epochs_run"] == 5 and grown["resumed_after_epochs"] == [3]
+
+
 def torchrun_cmd(tiny, *extra):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             str(ROOT / "04_train_backbone.py"), str(tiny), *ARGS, *extra]
