@@ -1440,11 +1440,10 @@ def load_resume(path: Path, cfg, ds, world: int) -> dict | None:
     if ck["fingerprint"] != ds.fingerprint:
         raise SystemExit(f"--resume: {path} was written for another dataset (fingerprint {ck['fingerprint']}, "
                          f"{cfg.data} is {ds.fingerprint}); run without --resume or with another --name")
-    now = asdict(cfg)
+    now, then = asdict(cfg), ck["config"]
     # a larger --epochs extends a run that hit its budget: the epochs already run are those the longer run starts with
-    grown = ck["config"].get("epochs") is not None and cfg.epochs >= ck["config"]["epochs"]
-    diff = [f"--{k.replace('_', '-')} {ck['config'].get(k)!r} there, {v!r} now" for k, v in now.items()
-            if k not in RESUME_FREE and ck["config"].get(k) != v and not (k == "epochs" and grown)]
+    diff = [f"--{k.replace('_', '-')} {then.get(k)!r} there, {v!r} now" for k, v in now.items()
+            if k not in RESUME_FREE and then.get(k) != v and not (k == "epochs" and v > then[k])]
     if diff:
         raise SystemExit(f"--resume: {path} was written with another config ({'; '.join(diff)}); resume with the "
                          f"same flags, or run without --resume or with another --name")
