@@ -111,6 +111,9 @@ class Config:
     width), w learned with the rest: the near-duplicates a d-wide adapter cannot resolve (no effect with --views id)"""
     residual_k: int = 100
     """--content-residual: each item's nearest neighbours by that cosine that carry it (0 elsewhere)"""
+    residual_lags: int = 1
+    """--content-residual: the last m items read each add w_j x cosine(candidate, item read j steps back), one w_j
+    learned per lag (1 = the last item only)"""
     pop_adjust: float = 0.0
     """logit adjustment: training scores get + this x log(1 + training popularity) of the item (none at evaluation),
     so the model's own scores hold less of the popularity prior and a rare item ranks by what it is like; 0 = off"""
@@ -333,6 +336,11 @@ class ItemEncoder(nn.Module):
             self.register_buffer("near_ids", pad(ids), persistent=False)
             self.register_buffer("near_cos", pad(cos), persistent=False)
             self.near_weight = nn.Parameter(torch.tensor(1.0))
+            # --residual-lags: earlier items read get their own weight, started at half the next one's (a user's
+            # recent items say more about the next one than older ones do)
+            self.lags = cfg.residual_lags
+            if self.lags > 1:
+                self.near_lag_weight = nn.Parameter(0.5 ** torch.arange(1.0, self.lags))
         if views != ["id"]:
             widths = [(fused["h_" + v] if cfg.finetune_fusion else tables[v]).shape[1] for v in views]
             self.adapters = nn.ModuleList(nn.Linear(w, d) for w in widths)
@@ -501,24 +509,39 @@ class Recommender(nn.Module):
         v = self.all_vectors() if vecs is None else vecs
         return v[1:self.n + 1].flatten(1)
 
+    def near_terms(self, last):
+        """The neighbours of the items read last, [R, m] (most recent first; [R] = the last one only; id 0 = none),
+        and their cosines times each lag's weight: (ids [R, m*K], 1-based, 0 = empty slot; values [R, m*K])."""
+        last = last[:, None] if last.dim() == 1 else last
+        ids, cos = self.items.near_ids[last], self.items.near_cos[last]  # [R, m, K]
+        w = self.items.near_weight[None]
+        if last.shape[1] > 1:
+            w = torch.cat([w, self.items.near_lag_weight[:last.shape[1] - 1]])
+        return ids.flatten(1), (w[:, None] * cos).flatten(1)
+
     def near_add(self, last):
-        """--content-residual, the score term w * cosine(item, last item read) as sparse (rows, cols, values) for user
-        states whose last item read is `last` [R] (cols 0-based); None when the term is off."""
+        """--content-residual, the score term sum_j w_j * cosine(item, item read j steps back) as sparse (rows, cols,
+        values), one entry per distinct (row, col), for user states that read `last` [R] or [R, m] last (see
+        near_terms; cols 0-based); None when the term is off."""
         if not self.items.near:
             return None
-        ids, cos = self.items.near_ids[last], self.items.near_cos[last]  # [R, K]
+        ids, v = self.near_terms(last)
         r, k = (ids != 0).nonzero(as_tuple=True)
-        return r, ids[r, k] - 1, self.items.near_weight * cos[r, k]
+        if last.dim() == 1 or last.shape[1] == 1:  # one item's neighbours are distinct
+            return r, ids[r, k] - 1, v[r, k]
+        # two items read can share a neighbour: their terms are summed into one entry
+        key, inv = torch.unique(r * (self.n + 1) + ids[r, k], return_inverse=True)
+        return key // (self.n + 1), key % (self.n + 1) - 1, v.new_zeros(len(key)).index_add(0, inv, v[r, k])
 
     def near_at(self, last, items):
-        """The same term for given candidates: last [R], items [R, C] -> [R, C] (0 where it is off)."""
+        """The same term for given candidates: last [R] or [R, m], items [R, C] -> [R, C] (0 where it is off)."""
         if not self.items.near:
             return 0
-        ids, cos = self.items.near_ids[last], self.items.near_cos[last]  # [R, K]
-        if self.n + 1 <= items.shape[1] * ids.shape[1]:  # cheaper: each row's cosines spread over all items [R, N + 1]
-            return self.items.near_weight * cos.new_zeros(len(ids), self.n + 1).scatter_(1, ids, cos).gather(1, items)
-        hit = ids[:, None, :] == items[:, :, None]  # [R, C, K]; id 0 (empty slot) never matches an item
-        return self.items.near_weight * (hit * cos[:, None, :]).sum(-1)
+        ids, v = self.near_terms(last)
+        if self.n + 1 <= items.shape[1] * ids.shape[1]:  # cheaper: each row's terms spread over all items [R, N + 1]
+            return v.new_zeros(len(ids), self.n + 1).scatter_add(1, ids, v).gather(1, items)
+        hit = ids[:, None, :] == items[:, :, None]  # [R, C, m*K]; id 0 (empty slot) never matches an item
+        return (hit * v[:, None, :]).sum(-1)
 
     @staticmethod
     def score(h, table):
@@ -849,8 +872,9 @@ def step_loss(run: Run, rows: np.ndarray, cloze, negatives, norm: float) -> torc
         h, vecs = h.float(), (vecs.float() if vecs is not None else None)
     # --exclude-seen: each position's softmax leaves out the items it has read (BERT4Rec: the row's unmasked items)
     own = own_items(inp, tgt.masked_fill(~pos, 0), not bert, model.n + 1) if cfg.exclude_seen else None
-    # --content-residual: the item each position read last (BERT4Rec: the one left of it) picks the position's term
-    last = (F.pad(inp[:, :-1], (1, 0)) if bert else inp)[pos]
+    # --content-residual: the items each position read last (BERT4Rec: those left of it) pick the position's term
+    read = F.pad(inp[:, :-1], (1, 0)) if bert else inp
+    last = torch.stack([F.pad(read, (j, 0))[:, :read.shape[1]] for j in range(cfg.residual_lags)], -1)[pos]
     h, t = h[pos], tgt[pos]  # only non-padding (or masked) positions reach the output layer
     # --id-align: over the distinct items this batch predicts (each has training interactions), float32 like the loss
     align = 0  # (the plain backbone has no content to align: no effect with --views id)
@@ -915,6 +939,8 @@ def train_epoch(run: Run, epoch: int) -> tuple[dict, int]:
            "train_cpu_seconds": time.process_time() - c0}
     if run.model.items.near:  # --content-residual: how much the learned term weighs
         row["near_weight"] = run.model.items.near_weight.item()
+        if cfg.residual_lags > 1:
+            row["near_lag_weight"] = run.model.items.near_lag_weight.tolist()
     return row, n_seq
 
 
@@ -936,7 +962,8 @@ def validate(run: Run, p: Progress, row: dict) -> None:
             save_checkpoint(run.out_dir / "model.pt", run.model, cfg, run.ds, run.views, p.best_epoch)
     else:
         p.bad += 1
-    w = f" content w {row['near_weight']:.2f}" if "near_weight" in row else ""
+    w = "".join(f"{', ' if k else ' content w '}{x:.2f}"
+                for k, x in enumerate([row["near_weight"], *row.get("near_lag_weight", [])])) if "near_weight" in row else ""
     log.info(f"epoch {epoch:3d} loss {row['loss']:.4f} valid {cfg.select} NDCG@10 {score:.4f} HR@10 "
              f"{row['valid'][sel]['HR@10']:.4f} (best {p.best:.4f} @ {p.best_epoch}){w} | "
              f"{row['seq_per_s']:.0f} seq/s, train {row['train_seconds']:.1f}s, "
@@ -1167,7 +1194,7 @@ def evaluate(model, hist, target, negs, cfg, device, bert: bool, rank=0, world=1
         t = torch.from_numpy(target[idx]).to(device)
         out_m.append(idx)
         own = None if seen is None else own_items(torch.from_numpy(seen[idx]).to(device), t, False)
-        last = torch.from_numpy(hist[idx, -1]).to(device)
+        last = recent(hist[idx], cfg.residual_lags).to(device)
         out_f.append(full_ranks(h, table, t, cfg.eval_chunk, own, model.near_add(last)).cpu())
         negs_i = torch.from_numpy(negs[idx]).to(device)
         extra = model.near_at(last, torch.cat([t[:, None], negs_i], 1))
@@ -1221,7 +1248,7 @@ def content_match_ranks(model, hist, seen, target, negs, text, gammas, cfg, devi
         c = F.pad(text[torch.from_numpy(hist[idx, -1]).to(device) - 1] @ text.T, (1, 0))  # column 0 = padding
         only = c.scatter(1, own, float("-inf"))[:, 1:]
         c = c.scatter_(1, own, 0.0)[:, 1:]
-        last = torch.from_numpy(hist[idx, -1]).to(device)
+        last = recent(hist[idx], cfg.residual_lags).to(device)
         s_model, buf = add_at(Recommender.score(h, table), model.near_add(last)), torch.empty_like(c)
         if cfg.exclude_seen:  # the model's own ranking leaves them out: so does every row built on it
             mask_out(s_model, own_items(own, t, False))
@@ -1268,6 +1295,11 @@ def content_match(model, sem, ds, train_seqs, eval_users, valid, test, cfg, devi
 # ----------------------------------------------------------------------------------------------------------------------
 # Plumbing: data helpers. Right-aligned padded matrices, batches, negatives, all built with numpy
 # ----------------------------------------------------------------------------------------------------------------------
+
+def recent(hist: np.ndarray, m: int) -> torch.Tensor:
+    """[R, m] int64: the last m items of right-aligned histories [R, L], most recent first (0 = none)."""
+    return torch.from_numpy(hist[:, :-m - 1:-1].copy())  # a copy: torch takes no negative strides
+
 
 def right_aligned(seqs: list[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
     """[U, length] int64 with each sequence's last `length` items at the right end (0 = padding), and the lengths.
@@ -1366,6 +1398,8 @@ def resolve_views(cfg: Config) -> tuple[list[str], Path | None, str]:
     if cfg.finetune_fusion and (cfg.semantic != "fused" or cfg.whiten):
         raise SystemExit("--finetune-fusion trains stage 3's module, whose outputs change as it trains: it goes "
                          "with --semantic fused and --no-whiten (whitening is fitted once, on frozen tables)")
+    if cfg.residual_lags < 1:
+        raise SystemExit(f"--residual-lags {cfg.residual_lags}: must be at least 1 (the last item read)")
     if cfg.hidden % cfg.heads:
         raise SystemExit(f"--hidden {cfg.hidden} must be divisible by --heads {cfg.heads}")
     if cfg.id_align and views != ["id"] and (not cfg.id_emb or set(views) <= free):
@@ -1507,7 +1541,7 @@ def top_k(model, cfg: Config, seqs: list[np.ndarray], k: int, keep_seen: bool = 
     for b in range(0, len(order), batch):
         idx = order[b:b + batch]
         s = torch.mm(last_states(model, hist[idx], vecs, device, bert), table.T, out=buf[:len(idx)])
-        add_at(s, model.near_add(torch.from_numpy(hist[idx, -1]).to(device)))
+        add_at(s, model.near_add(recent(hist[idx], cfg.residual_lags).to(device)))
         if not keep_seen:  # the whole history, not only the max_len items the backbone reads
             seen = [seqs[u] for u in idx]
             rows = torch.from_numpy(np.repeat(np.arange(len(idx)), [len(x) for x in seen])).to(device)

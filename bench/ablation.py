@@ -54,6 +54,8 @@ VARIANTS = [
                                                             "--id-gate", "2"], "fused.pt"),
     ("noresidual", "lever off: no content residual (w x cosine to the last item's content, w learned)",
      ["--views", "dual", "--fused", "{data}/fused.pt", "--no-content-residual"], "fused.pt"),
+    ("lags", "lever on: content residual over the last 2 items read (one w per lag)",
+     ["--views", "dual", "--fused", "{data}/fused.pt", "--residual-lags", "2"], "fused.pt"),
     ("popadj", "lever on: logit adjustment by training popularity (tau = 1)",
      ["--views", "dual", "--fused", "{data}/fused.pt", "--pop-adjust", "1"], "fused.pt"),
     ("idpopadj", "plain backbone + logit adjustment (tau = 1)", ["--views", "id", "--pop-adjust", "1"], None),

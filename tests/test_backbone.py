@@ -576,6 +576,66 @@ def test_content_residual_trains_its_weight_end_to_end(tiny_dataset, backbone, l
     assert np.isfinite(out["test"]["full"]["NDCG@10"])
 
 
+@pytest.mark.parametrize("loss", ["ce", "bce"])
+def test_residual_lags_add_one_weighted_cosine_per_item_read_back(tiny_dataset, tmp_path, loss):
+    """--residual-lags 3: position t's scores get sum_j w_j * cos(candidate, item read at t - j), j < 3, each cosine
+    kept for the k nearest only, nothing before the sequence starts; written out densely by hand for the training loss
+    (ce and bce) and for evaluation's right-aligned histories (near_add and near_at). The gradient reaches every w_j."""
+    payload = write_semantics(tiny_dataset)
+    cfg = stage4.Config(data=str(tiny_dataset), loss=loss, hidden=8, dropout=0.0, views="dual", semantic="raw",
+                        exclude_seen=False, residual_k=5, residual_lags=3, threads=1)
+    ds = common.load_dataset(tiny_dataset, check_images=False)
+    data = stage4.build_data(cfg, ds)
+    torch.manual_seed(0)
+    model = stage4.Recommender(cfg, ds.n_items, ["A", "B"], None, payload, data.pop[1:]).eval()
+    with torch.no_grad():
+        model.items.near_weight.fill_(2.0)
+        model.items.near_lag_weight.copy_(torch.tensor([1.5, -0.5]))
+    w = [2.0, 1.5, -0.5]
+    run = stage4.Run(cfg, ds, data, ["A", "B"], model, model, None, torch.device("cpu"), 0, 1, tmp_path)
+    rows = np.arange(len(data.tr))
+    neg = np.random.default_rng(0).integers(1, ds.n_items + 1, data.tr.shape)
+    got = stage4.step_loss(run, rows, None, neg, 1.0)
+    N = ds.n_items
+    dense = torch.zeros(N + 2, N + 1).scatter_(1, model.items.near_ids, model.items.near_cos)[:, 1:]  # row 0: zeros
+    assert (dense > 0).sum(1)[1:N + 1].eq(5).all()  # k = 5 neighbours per item
+    x = torch.from_numpy(data.tr[:, -(int(data.tr_len.max()) + 1):])
+    inp, tgt = x[:, :-1], x[:, 1:]
+    pos = inp != 0
+    h, vecs = model(inp, True)
+    s = h @ model.table(vecs).T
+    add = torch.zeros_like(s)
+    B, L = inp.shape
+    for b in range(B):
+        for t in range(L):
+            for j in range(3):
+                if t - j >= 0:
+                    add[b, t] += w[j] * dense[inp[b, t - j]]
+    s = (s + add)[pos]
+    t = tgt[pos]
+    if loss == "ce":
+        ref = torch.nn.functional.cross_entropy(s, t - 1, reduction="sum")
+    else:
+        n = torch.from_numpy(neg[:, -L:])[pos]
+        ref = torch.nn.functional.softplus(-s[torch.arange(len(t)), t - 1]).sum() \
+            + torch.nn.functional.softplus(s[torch.arange(len(t)), n - 1]).sum()
+    torch.testing.assert_close(got, ref)
+    got.backward()
+    assert model.items.near_weight.grad != 0 and model.items.near_lag_weight.grad.ne(0).all()
+    # evaluation: right-aligned histories, the last three items most recent first (a one-item history has one)
+    hist = random_batch(N, L=6).numpy()
+    last = stage4.recent(hist, 3)
+    assert torch.equal(last, torch.from_numpy(hist[:, ::-1][:, :3].copy()))
+    want = sum(w[j] * dense[last[:, j]] for j in range(3))
+    with torch.no_grad():
+        assert torch.allclose(stage4.add_at(torch.zeros(len(hist), N), model.near_add(last)), want)
+        cand = torch.randint(1, N + 1, (len(hist), 7))
+        assert torch.allclose(model.near_at(last, cand), want.gather(1, cand - 1))
+        assert torch.allclose(model.near_at(last, torch.arange(1, N + 1).expand(len(hist), -1)), want)
+    with pytest.raises(SystemExit, match="residual-lags"):
+        stage4.resolve_views(stage4.Config(data=str(tiny_dataset), views="dual", residual_lags=0))
+
+
 @pytest.mark.parametrize("id_free", ["B", ""])
 def test_id_align_adds_the_symmetric_infonce_of_adapter_outputs_and_id_vectors(tiny_dataset, tmp_path, id_free):
     """--id-align lam: step_loss = the loss without it + lam x the mean over content views of the symmetric InfoNCE
