@@ -338,9 +338,8 @@ class ItemEncoder(nn.Module):
             self.near_weight = nn.Parameter(torch.tensor(1.0))
             # --residual-lags: earlier items read get their own weight, started at half the next one's (a user's
             # recent items say more about the next one than older ones do)
-            self.lags = cfg.residual_lags
-            if self.lags > 1:
-                self.near_lag_weight = nn.Parameter(0.5 ** torch.arange(1.0, self.lags))
+            if cfg.residual_lags > 1:
+                self.near_lag_weight = nn.Parameter(0.5 ** torch.arange(1.0, cfg.residual_lags))
         if views != ["id"]:
             widths = [(fused["h_" + v] if cfg.finetune_fusion else tables[v]).shape[1] for v in views]
             self.adapters = nn.ModuleList(nn.Linear(w, d) for w in widths)
@@ -610,8 +609,8 @@ def own_items(hist: torch.Tensor, target: torch.Tensor, causal: bool, mask_id: i
 def bce_loss_sum(h, model, target, neg, vecs, prior=None, last=None):
     """sum over positions of -log sigmoid(score(target)) - log(1 - sigmoid(score(negative))), one sampled negative per
     position; each position scores only its two items, so the product is row-wise, not the full score matrix.
-    `prior` [N + 1] by item id is added to both scores (--pop-adjust); `last` [positions] = the item each position read
-    last, for --content-residual's term."""
+    `prior` [N + 1] by item id is added to both scores (--pop-adjust); `last` [positions, m] = the items each position
+    read last, most recent first, for --content-residual's term."""
     pos_v = vecs[target].flatten(1) if vecs is not None else model.items(target).flatten(1)
     neg_v = vecs[neg].flatten(1) if vecs is not None else model.items(neg).flatten(1)
     pos_s, neg_s = (h * pos_v).sum(-1), (h * neg_v).sum(-1)
@@ -873,8 +872,10 @@ def step_loss(run: Run, rows: np.ndarray, cloze, negatives, norm: float) -> torc
     # --exclude-seen: each position's softmax leaves out the items it has read (BERT4Rec: the row's unmasked items)
     own = own_items(inp, tgt.masked_fill(~pos, 0), not bert, model.n + 1) if cfg.exclude_seen else None
     # --content-residual: the items each position read last (BERT4Rec: those left of it) pick the position's term
-    read = F.pad(inp[:, :-1], (1, 0)) if bert else inp
-    last = torch.stack([F.pad(read, (j, 0))[:, :read.shape[1]] for j in range(cfg.residual_lags)], -1)[pos]
+    last = None  # (the plain backbone has no such term)
+    if model.items.near:
+        read = F.pad(inp[:, :-1], (1, 0)) if bert else inp
+        last = torch.stack([F.pad(read, (j, 0))[:, :read.shape[1]] for j in range(cfg.residual_lags)], -1)[pos]
     h, t = h[pos], tgt[pos]  # only non-padding (or masked) positions reach the output layer
     # --id-align: over the distinct items this batch predicts (each has training interactions), float32 like the loss
     align = 0  # (the plain backbone has no content to align: no effect with --views id)
@@ -962,8 +963,9 @@ def validate(run: Run, p: Progress, row: dict) -> None:
             save_checkpoint(run.out_dir / "model.pt", run.model, cfg, run.ds, run.views, p.best_epoch)
     else:
         p.bad += 1
-    w = "".join(f"{', ' if k else ' content w '}{x:.2f}"
-                for k, x in enumerate([row["near_weight"], *row.get("near_lag_weight", [])])) if "near_weight" in row else ""
+    w = ""
+    if "near_weight" in row:  # one learned weight per lag
+        w = " content w " + ", ".join(f"{x:.2f}" for x in [row["near_weight"], *row.get("near_lag_weight", [])])
     log.info(f"epoch {epoch:3d} loss {row['loss']:.4f} valid {cfg.select} NDCG@10 {score:.4f} HR@10 "
              f"{row['valid'][sel]['HR@10']:.4f} (best {p.best:.4f} @ {p.best_epoch}){w} | "
              f"{row['seq_per_s']:.0f} seq/s, train {row['train_seconds']:.1f}s, "
