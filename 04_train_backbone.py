@@ -106,6 +106,9 @@ class Config:
     """scale item i's ID part by pop_i / (pop_i + k), pop = training interactions, k = this; 0 = off"""
     id_free: str = "B"
     """comma-separated views whose item vector is content only, no ID part (e.g. B)"""
+    id_dropout: float = 0.0
+    """in training, drop each item's ID part with this probability, drawn anew per item at each step, so the model
+    also learns to score an item from its content alone, as it must a rare one (DropoutNet); 0 = off"""
     content_residual: bool = True
     """score + w x cosine(candidate, the last item read) over the last content view's frozen vectors (centred, full
     width), w learned with the rest: the near-duplicates a d-wide adapter cannot resolve (no effect with --views id)"""
@@ -324,6 +327,7 @@ class ItemEncoder(nn.Module):
             p = torch.as_tensor(pop, dtype=torch.float32)
             gate[1:n_items + 1] *= (p / (p + cfg.id_gate))[:, None]
         self.register_buffer("id_scale", None if bool((gate == 1).all()) else gate, persistent=False)
+        self.id_dropout = cfg.id_dropout if views != ["id"] else 0.0  # without content a dropped item is nothing
         self.fusion = None
         # buffers near_ids / near_cos [N + 2, K], rows 0 and N + 1 empty; the plain backbone has no content to use
         self.near = cfg.content_residual and views != ["id"]
@@ -380,6 +384,11 @@ class ItemEncoder(nn.Module):
         if self.emb is not None:
             x = self.emb(ids).view(shape)
             x = x * self.id_scale[ids][..., None] if self.id_scale is not None else x
+            if self.training and self.id_dropout > 0:
+                # one draw per item for the whole call: a dropped item lacks its ID both where it was read and where
+                # it is a candidate, as a cold item does
+                keep = torch.rand(self.n + 2, device=ids.device) >= self.id_dropout
+                x = x * keep[ids][..., None, None].to(x.dtype)
         if self.views != ["id"]:
             x = x + torch.stack([a(h) for a, h in zip(self.adapters, self.content(ids))], -2)
         x = torch.where((ids == self.n + 1)[..., None, None], self.mask_vec, x)
@@ -1400,6 +1409,8 @@ def resolve_views(cfg: Config) -> tuple[list[str], Path | None, str]:
     if cfg.finetune_fusion and (cfg.semantic != "fused" or cfg.whiten):
         raise SystemExit("--finetune-fusion trains stage 3's module, whose outputs change as it trains: it goes "
                          "with --semantic fused and --no-whiten (whitening is fitted once, on frozen tables)")
+    if not 0 <= cfg.id_dropout < 1:
+        raise SystemExit(f"--id-dropout {cfg.id_dropout}: expected a probability in [0, 1)")
     if cfg.residual_lags < 1:
         raise SystemExit(f"--residual-lags {cfg.residual_lags}: must be at least 1 (the last item read)")
     if cfg.hidden % cfg.heads:

@@ -52,6 +52,8 @@ VARIANTS = [
     ("idseen", "plain backbone, own items stay candidates", ["--views", "id", "--no-exclude-seen"], None),
     ("gate", "lever on: popularity-gated ID part (k = 2)", ["--views", "dual", "--fused", "{data}/fused.pt",
                                                             "--id-gate", "2"], "fused.pt"),
+    ("iddrop", "lever on: item ID part dropped in training (p = 0.1, DropoutNet)",
+     ["--views", "dual", "--fused", "{data}/fused.pt", "--id-dropout", "0.1"], "fused.pt"),
     ("noresidual", "lever off: no content residual (w x cosine to the last item's content, w learned)",
      ["--views", "dual", "--fused", "{data}/fused.pt", "--no-content-residual"], "fused.pt"),
     ("lags", "lever on: content residual over the last 2 items read (one w per lag)",

@@ -701,6 +701,28 @@ def test_id_free_view_and_popularity_gate(tiny_dataset):
     assert torch.allclose(moved[:, 0], torch.as_tensor(pop / (pop + 2.0), dtype=moved.dtype))  # A: gated ID part
 
 
+def test_id_dropout_drops_whole_items_in_training_only(tiny_dataset):
+    payload = write_semantics(tiny_dataset)
+    ds = common.load_dataset(tiny_dataset)
+    cfg = stage4.Config(data=str(tiny_dataset), hidden=8, semantic="raw", id_free="", id_dropout=0.5)
+    model = stage4.Recommender(cfg, ds.n_items, ["A", "B"], None, payload, np.ones(ds.n_items))
+    ids = torch.arange(1, ds.n_items + 1)
+    with torch.no_grad():
+        content = torch.stack([a(h) for a, h in zip(model.items.adapters, model.items.content(ids))], -2)
+        full = content + model.items.emb(ids).view(len(ids), 2, 8)
+        assert torch.equal(model.eval().items(ids), full)  # evaluation: every ID part, nothing random
+        torch.manual_seed(0)
+        got = model.train().items(torch.cat([ids, ids]))  # each item twice in one call
+    first, second = got[:len(ids)], got[len(ids):]
+    assert torch.equal(first, second)  # one draw per item, not per occurrence
+    is_content = (first == content).all(-1).all(-1)  # both views lose the ID part together
+    assert torch.equal(first[~is_content], full[~is_content])  # the others keep it whole, not rescaled
+    assert 0.2 * len(ids) < is_content.sum() < 0.8 * len(ids)
+    plain = stage4.Recommender(stage4.Config(data=str(tiny_dataset), hidden=8, views="id", id_dropout=0.5),
+                               ds.n_items, ["id"], None, None, np.ones(ds.n_items)).train()
+    assert torch.equal(plain.items(ids), plain.items.emb(ids).view(len(ids), 1, 8))  # nothing to fall back on: off
+
+
 def test_pca_start_is_content_shaped_at_the_random_inits_scale(tiny_dataset):
     payload = write_semantics(tiny_dataset)
     ds = common.load_dataset(tiny_dataset)
