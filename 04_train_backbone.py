@@ -108,7 +108,8 @@ class Config:
     """comma-separated views whose item vector is content only, no ID part (e.g. B)"""
     id_dropout: float = 0.0
     """in training, drop each item's ID part with this probability, drawn anew per item at each step, so the model
-    also learns to score an item from its content alone, as it must a rare one (DropoutNet); 0 = off"""
+    also learns to score an item from its content alone, as it must a rare one (DropoutNet); 0 = off (no effect with
+    --views id)"""
     content_residual: bool = True
     """score + w x cosine(candidate, the last item read) over the last content view's frozen vectors (centred, full
     width), w learned with the rest: the near-duplicates a d-wide adapter cannot resolve (no effect with --views id)"""
