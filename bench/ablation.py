@@ -58,6 +58,8 @@ VARIANTS = [
      ["--views", "dual", "--fused", "{data}/fused.pt", "--no-content-residual"], "fused.pt"),
     ("lags", "lever on: content residual over the last 2 items read (one w per lag)",
      ["--views", "dual", "--fused", "{data}/fused.pt", "--residual-lags", "2"], "fused.pt"),
+    ("rare", "lever on: content residual weighted up on rare candidates (w x (1 + u x rarity), u learned)",
+     ["--views", "dual", "--fused", "{data}/fused.pt", "--residual-rare"], "fused.pt"),
     ("popadj", "lever on: logit adjustment by training popularity (tau = 1)",
      ["--views", "dual", "--fused", "{data}/fused.pt", "--pop-adjust", "1"], "fused.pt"),
     ("idpopadj", "plain backbone + logit adjustment (tau = 1)", ["--views", "id", "--pop-adjust", "1"], None),
