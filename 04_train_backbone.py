@@ -120,7 +120,8 @@ class Config:
     learned per lag (1 = the last item only)"""
     residual_rare: bool = False
     """--content-residual: each term weighs w_j x (1 + u x rarity of the candidate), u learned from 0, rarity = 1 -
-    log(1 + pop) / log(1 + max pop) by training interactions: the content match may count more where the ID is weak"""
+    log(1 + pop) / log(1 + max pop) by training interactions: the content match may count more where the ID is weak
+    (no effect with --views id)"""
     pop_adjust: float = 0.0
     """logit adjustment: training scores get + this x log(1 + training popularity) of the item (none at evaluation),
     so the model's own scores hold less of the popularity prior and a rare item ranks by what it is like; 0 = off"""
