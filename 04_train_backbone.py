@@ -25,7 +25,8 @@ NDCG@10 only (full ranking for ce, sampled-100 for bce: --select); test evaluate
                                                                   (top-k JSON lines from a trained run; recommend())
 
 Reads DATA/interactions.csv, DATA/items.jsonl and, for the fused views, DATA/fused.pt (or --fused).
-Writes DATA/runs/<name>/results.json (config, validation curve, best epoch, test metrics, groups, throughput) and
+Writes DATA/runs/<name>/results.json (config, validation curve, best epoch, test metrics, groups, throughput),
+DATA/runs/<name>/test_ranks.csv (each test user's target rank, for paired comparisons: bench/compare.py --paired) and
 DATA/runs/<name>/model.pt (best-epoch weights; saved each time validation improves, so a crash loses nothing) and
 DATA/runs/<name>/last.pt (the whole run state each epoch: `--resume` continues a killed run to the same results;
 `--resume --epochs N` with a larger N extends a run that stopped at its epoch budget).
@@ -1079,10 +1080,11 @@ def final_test(run: Run, p: Progress, sem, mode: str, fused_path, stopped_by) ->
     rf, rs = evaluate(run.model, test_hist, test_tgt, negs, cfg, device, bert, run.rank, run.world, data.test_seen)
     test = protocol_metrics(rf, rs)
     test["groups"] = group_metrics(rf, rs, data.train_seqs, data.eval_users, test_hist, test_tgt, run.ds.n_items, cfg)
-    content = None
+    content, ranks = None, {"": (rf, rs)}
     if sem is not None and cfg.content_grid and run.rank == 0:
-        content = content_match(run.model, sem, run.ds, data.train_seqs, data.eval_users, data.valid, data.test, cfg,
-                                device, bert)
+        content, more = content_match(run.model, sem, run.ds, data.train_seqs, data.eval_users, data.valid, data.test,
+                                      cfg, device, bert)
+        ranks.update(more)
     results = {
         "config": asdict(cfg), "backbone": cfg.backbone, "loss": cfg.loss, "views": mode, "seed": cfg.seed,
         "fused": str(fused_path) if fused_path else None,
@@ -1100,12 +1102,26 @@ def final_test(run: Run, p: Progress, sem, mode: str, fused_path, stopped_by) ->
     }
     if run.rank == 0:
         save_checkpoint(run.out_dir / "model.pt", run.model, cfg, run.ds, run.views, p.best_epoch)
+        head = head_items(data.train_seqs, run.ds.n_items, cfg.head_frac)
+        write_test_ranks(run.out_dir / "test_ranks.csv", run.ds, data.eval_users, test_tgt, head, ranks)
         common.write_text_atomic(run.out_dir / "results.json", [json.dumps(results, indent=1)])
         t, s = test["full"], test["sampled100"]
         log.info(f"test (best epoch {p.best_epoch}): full NDCG@10 {t['NDCG@10']:.4f} HR@10 {t['HR@10']:.4f} | "
                  f"sampled-{data.n_neg} NDCG@10 {s['NDCG@10']:.4f} HR@10 {s['HR@10']:.4f} "
                  f"-> {run.out_dir}/results.json")
     return results
+
+
+def write_test_ranks(path: Path, ds, eval_users, target, head, ranks: dict) -> Path:
+    """One row per test user: the target's rank under each protocol, for paired per-user comparisons of two runs
+    (bench/compare.py --paired). Columns full, sampled100: the model as trained; cm_*: with the content match at the
+    validation-chosen gamma; content_*: the content-only reference (both only where the run has semantics)."""
+    cols = [(f"{k}_{p}" if k else p, r) for k, pair in ranks.items() for p, r in zip(("full", "sampled100"), pair)]
+    lines = ["user_id,item_id,head_item," + ",".join(c for c, _ in cols) + "\n"]
+    for n, u in enumerate(eval_users):
+        lines.append(f"{ds.user_ids[u]},{ds.item_ids[target[n] - 1]},{int(head[target[n]])},"
+                     + ",".join(str(int(r[n])) for _, r in cols) + "\n")
+    return common.write_text_atomic(path, lines)
 
 
 def protocol_text(cfg: Config, N: int, n_neg: int) -> dict:
@@ -1127,16 +1143,21 @@ def protocol_text(cfg: Config, N: int, n_neg: int) -> dict:
 KS = (5, 10, 20)
 
 
+def user_ndcg(ranks, k: int) -> np.ndarray:
+    """Per-user NDCG@k with one relevant item: 1/log2(1 + rank) when the 1-based rank is <= k, else 0."""
+    r = np.asarray(ranks, dtype=np.float64)
+    return (r <= k) / np.log2(r + 1)
+
+
 def rank_metrics(ranks) -> dict:
-    """HR@k, NDCG@k (one relevant item: 1/log2(1 + rank) when rank <= k) and MRR from 1-based ranks."""
+    """HR@k, NDCG@k and MRR from 1-based ranks, averaged over users."""
     r = np.asarray(ranks, dtype=np.float64)
     if len(r) == 0:
         return {}
     out = {}
     for k in KS:
-        hit = r <= k
-        out[f"HR@{k}"] = float(hit.mean())
-        out[f"NDCG@{k}"] = float((hit / np.log2(r + 1)).mean())
+        out[f"HR@{k}"] = float((r <= k).mean())
+        out[f"NDCG@{k}"] = float(user_ndcg(r, k).mean())
     out["MRR"] = float((1 / r).mean())
     return out
 
@@ -1243,12 +1264,18 @@ def protocol_metrics(rf, rs) -> dict:
     return {"full": rank_metrics(rf), "sampled100": rank_metrics(rs)}
 
 
+def head_items(train_seqs, N, head_frac: float) -> np.ndarray:
+    """[N + 1] bool: the most popular items by training interactions making up head_frac of the catalogue."""
+    pop = np.bincount(np.concatenate(train_seqs), minlength=N + 1)[1:]
+    head = np.zeros(N + 1, dtype=bool)
+    head[1 + np.argsort(-pop, kind="stable")[:max(1, int(round(head_frac * N)))]] = True
+    return head
+
+
 def group_metrics(rf, rs, train_seqs, eval_users, hist, target, N, cfg) -> dict:
     """Long-tail groups: tail vs head target items (training popularity), short vs long users (history length)."""
-    pop = np.bincount(np.concatenate(train_seqs), minlength=N + 1)[1:]
-    n_head = max(1, int(round(cfg.head_frac * N)))
-    head = np.zeros(N + 1, dtype=bool)
-    head[1 + np.argsort(-pop, kind="stable")[:n_head]] = True
+    head = head_items(train_seqs, N, cfg.head_frac)
+    n_head = int(head.sum())
     hl = (hist != 0).sum(1)
     short_len = cfg.short_len or int(np.median(hl))
     groups = {"head_items": head[target], "tail_items": ~head[target], "short_users": hl <= short_len,
@@ -1292,7 +1319,7 @@ def content_match_ranks(model, hist, seen, target, negs, text, gammas, cfg, devi
 def content_match(model, sem, ds, train_seqs, eval_users, valid, test, cfg, device, bert) -> dict:
     """The inference-time content term, gamma chosen on validation NDCG@10 (the --select protocol; the smallest gamma
     on a tie), then test once; plus the content-only reference. The model is not retrained: the run's own test
-    figures stay the as-trained ones."""
+    figures stay the as-trained ones. Returns (results.json's entry, {"cm" | "content": per-user test ranks})."""
     text = F.normalize(sem["text_pooled"].float(), dim=-1).to(device)
     gammas = [float(g) for g in cfg.content_grid.split(",")]
     sel, out = SELECT[cfg.select], {}
@@ -1317,7 +1344,7 @@ def content_match(model, sem, ds, train_seqs, eval_users, valid, test, cfg, devi
     log.info(f"content match: gamma {gamma:g} (validation {sel} NDCG@10 {by_gamma[0.0] if 0.0 in by_gamma else 0:.4f} "
              f"-> {by_gamma[gamma]:.4f}); test full NDCG@10 {t['NDCG@10']:.4f} HR@10 {t['HR@10']:.4f}; "
              f"content only {c['NDCG@10']:.4f}")
-    return res
+    return res, {"cm": test_ranks[gamma], "content": test_ranks["content_only"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,13 @@
 """Print a markdown table comparing finished stage-4 runs (full-ranking test metrics, overall and on tail items).
 
     python bench/compare.py DATA RUN [RUN ...] [--protocol full|sampled100] [--plot FILE.png]
+    python bench/compare.py DATA BASE RUN [RUN ...] --paired     # each RUN against BASE, user by user
+
+--paired reads DATA/runs/<RUN>/test_ranks.csv and prints, for each RUN against the first, the mean per-user difference
+in test NDCG@10 with its 95% confidence interval over the test users (mean +- 1.96 x sample std / sqrt(users)), overall
+and on tail-item users, and how many users each run ranks better. That interval is the test set's sampling error for
+one pair of runs; the spread over training seeds is the other error, so compare seeds as well. NAME:cm takes a run
+with its content match (gamma chosen on validation), NAME:content the content-only reference of that run.
 
 Reads DATA/runs/<RUN>/results.json (written by 04_train_backbone.py); prints one row per run with its protocol, loss,
 seed and views, so every number says how it was measured. --plot also draws the picture: each run's validation
@@ -10,11 +17,14 @@ only in a trailing _s<SEED> are one variant: one colour, bars at the mean with t
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import re
 import statistics
 import sys
 from pathlib import Path
+
+import numpy as np
 
 METRICS = ["NDCG@10", "HR@10", "MRR"]
 
@@ -142,13 +152,78 @@ def plot(data: str | Path, groups: dict[str, list[str]], path: str | Path, proto
     return path
 
 
+RANK_COLUMNS = {"": "", "cm": "cm_", "content": "content_"}
+
+
+def load_ranks(data: str | Path, spec: str, protocol: str) -> dict:
+    """{user_id: (target item, head item?, rank)} of DATA/runs/<NAME>/test_ranks.csv; spec = NAME[:cm|:content]."""
+    name, _, which = spec.partition(":")
+    if which not in RANK_COLUMNS:
+        raise SystemExit(f"{spec}: expected NAME, NAME:cm or NAME:content")
+    path, col = Path(data) / "runs" / name / "test_ranks.csv", RANK_COLUMNS[which] + protocol
+    if not path.is_file():
+        raise SystemExit(f"{path}: not found (runs written before per-user ranks were saved have none: rerun "
+                         f"`python 04_train_backbone.py {data} --name {name} ...`)")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = csv.DictReader(f)
+        if col not in (rows.fieldnames or []):
+            raise SystemExit(f"{path}:1: no column {col!r} (this run has {', '.join(rows.fieldnames or [])})")
+        out = {}
+        for line, r in enumerate(rows, start=2):
+            try:
+                out[r["user_id"]] = (r["item_id"], r["head_item"] == "1", int(r[col]))
+            except (KeyError, TypeError, ValueError):
+                raise SystemExit(f"{path}:{line}: field {col!r}: expected an integer rank, got {r.get(col)!r}") \
+                    from None
+    return out
+
+
+def paired(data: str | Path, specs: list[str], protocol: str = "full") -> str:
+    """Markdown rows: each run against the first, per-user NDCG@10 differences with 95% intervals (see the docstring)."""
+    import importlib
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    ndcg = importlib.import_module("04_train_backbone").user_ndcg  # the one metrics function
+
+    def interval(d) -> str:
+        if len(d) < 2:
+            return "—"
+        half = 1.96 * float(np.std(d, ddof=1)) / np.sqrt(len(d))
+        return f"{d.mean():+.4f} [{d.mean() - half:+.4f}, {d.mean() + half:+.4f}]"
+
+    base = load_ranks(data, specs[0], protocol)
+    head = ["run", "against", "users", "Δ NDCG@10 [95% CI]", "tail users", "Δ tail NDCG@10 [95% CI]",
+            "users better / worse"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for spec in specs[1:]:
+        other = load_ranks(data, spec, protocol)
+        if other.keys() != base.keys() or any(other[u][0] != base[u][0] for u in base):
+            raise SystemExit(f"{spec} and {specs[0]}: different test users or targets (another dataset or split?)")
+        users = list(base)
+        a = ndcg(np.array([base[u][2] for u in users]), 10)
+        b = ndcg(np.array([other[u][2] for u in users]), 10)
+        tail = np.array([not base[u][1] for u in users])
+        d = b - a
+        rows.append("| " + " | ".join([spec, specs[0], str(len(d)), interval(d), str(int(tail.sum())),
+                                       interval(d[tail]), f"{int((d > 0).sum())} / {int((d < 0).sum())}"]) + " |")
+    return "\n".join(rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("data", help="dataset directory holding runs/")
     p.add_argument("runs", nargs="+", help="run names (DATA/runs/<name>)")
     p.add_argument("--protocol", default="full", choices=["full", "sampled100"], help="test protocol to print")
     p.add_argument("--plot", default="", metavar="FILE.png", help="also draw validation curves and test bars here")
+    p.add_argument("--paired", action="store_true",
+                   help="each run against the first, user by user: NDCG@10 differences with 95%% intervals")
     a = p.parse_args(argv)
+    if a.paired:
+        if len(a.runs) < 2:
+            raise SystemExit("--paired needs a base run and at least one run to compare with it")
+        print(f"dataset {a.data}, test set, {a.protocol} ranking, per-user differences against {a.runs[0]} "
+              "(95% CI over test users; tail = target outside the training-popularity head)")
+        print(paired(a.data, a.runs, a.protocol))
+        return
     first = load_run(a.data, a.runs[0]).get("protocol", {})
     print(f"dataset {a.data}, test set, {a.protocol} ranking: "
           + first.get("full" if a.protocol == "full" else "sampled100", "protocol not recorded"))

@@ -5,6 +5,8 @@ do not depend on stage 1 or on any model.
 """
 import importlib
 import json
+import math
+import statistics
 
 import numpy as np
 import pytest
@@ -274,3 +276,29 @@ def test_compare_table_reports_protocol_loss_seed_and_tail(tmp_path):
     assert "0.1368" in run_script("bench/compare.py", tmp_path, "dmesr", "--protocol", "sampled100").stdout
     p = run_script("bench/compare.py", tmp_path, "missing", check=False)
     assert p.returncode != 0 and "runs/missing/results.json: not found" in p.stderr
+
+
+def test_compare_paired_differences_match_a_hand_computation(tmp_path):
+    def write(name, ranks, header="user_id,item_id,head_item,full,sampled100"):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        rows = [f"u{n},i{n},{int(n in (0, 3))},{r},{r}" for n, r in enumerate(ranks)]
+        (d / "test_ranks.csv").write_text("\n".join([header, *rows]) + "\n")
+    write("base", [1, 3, 20, 2])   # NDCG@10: 1, 1/log2(4) = 0.5, 0 (rank 20 > 10), 1/log2(3)
+    write("new", [2, 1, 5, 2])     # 1/log2(3), 1, 1/log2(6), 1/log2(3)
+    d = [1 / math.log2(3) - 1, 0.5, 1 / math.log2(6), 0.0]
+    mean, half = statistics.fmean(d), 1.96 * statistics.stdev(d) / 2
+    tail = d[1:3]  # users 1 and 2: targets outside the head
+    tmean, thalf = statistics.fmean(tail), 1.96 * statistics.stdev(tail) / math.sqrt(2)
+    out = run_script("bench/compare.py", tmp_path, "base", "new", "--paired").stdout
+    row = next(r for r in out.splitlines() if r.startswith("| new"))
+    assert row.split(" | ")[1:] == ["base", "4", f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]", "2",
+                                    f"{tmean:+.4f} [{tmean - thalf:+.4f}, {tmean + thalf:+.4f}]", "2 / 1 |"]
+    write("other_split", [1, 1, 1])  # a user fewer: not the same test set
+    p = run_script("bench/compare.py", tmp_path, "base", "other_split", "--paired", check=False)
+    assert p.returncode != 0 and "different test users or targets" in p.stderr
+    p = run_script("bench/compare.py", tmp_path, "base", "new:cm", "--paired", check=False)  # no content match there
+    assert p.returncode != 0 and "runs/new/test_ranks.csv:1: no column 'cm_full'" in p.stderr
+    write("broken", [1, "x", 1, 1])
+    p = run_script("bench/compare.py", tmp_path, "base", "broken", "--paired", check=False)
+    assert p.returncode != 0 and "runs/broken/test_ranks.csv:3: field 'full'" in p.stderr

@@ -813,6 +813,20 @@ def test_content_match_picks_gamma_on_validation_and_matches_hand_computed_ranks
     hand = stage4.rank_metrics(ranks)
     for k, v in hand.items():
         assert cm["content_only"]["full"][k] == pytest.approx(v, abs=1e-6)
+    # test_ranks.csv: one row per test user, in the split's order, whose ranks give back every figure of results.json
+    with open(tiny_dataset / "runs" / "cm" / "test_ranks.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["user_id"] for r in rows] == [ds.user_ids[u] for u in users]
+    assert [r["item_id"] for r in rows] == [ds.item_ids[ds.seqs[u][-1] - 1] for u in users]
+    assert [int(r["content_full"]) for r in rows] == ranks
+    tail = np.array([r["head_item"] == "0" for r in rows])
+    assert tail.sum() == res["test"]["groups"]["tail_items"]["users"]
+    for col, want in (("full", res["test"]), ("sampled100", res["test"]), ("cm_full", cm["test"])):
+        r = np.array([int(x[col]) for x in rows])
+        proto = "sampled100" if col == "sampled100" else "full"
+        assert stage4.user_ndcg(r, 10).mean() == pytest.approx(want[proto]["NDCG@10"], abs=1e-9)
+        assert stage4.user_ndcg(r[tail], 10).mean() == pytest.approx(
+            want["groups"]["tail_items"][proto]["NDCG@10"], abs=1e-9)
 
 
 def test_semantic_sources_fused_raw_and_both():

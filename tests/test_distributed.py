@@ -51,7 +51,7 @@ def test_torchrun_two_ranks_matches_single_process(tiny_dataset, backbone, loss)
             assert a["valid"]["full"][k] == pytest.approx(b["valid"]["full"][k], abs=0.02)
     assert ddp["test"]["full"]["NDCG@10"] == pytest.approx(single["test"]["full"]["NDCG@10"], abs=0.02)
     # rank 0 alone wrote the run directory: one results file, the best model, the resume state, no stray temporary files
-    assert sorted(x.name for x in (tiny_dataset / "runs" / "ddp").iterdir()) == ["last.pt", "model.pt", "results.json"]
+    assert sorted(x.name for x in (tiny_dataset / "runs" / "ddp").iterdir()) == ["last.pt", "model.pt", "results.json", "test_ranks.csv"]
 
 
 DRIVER = """
