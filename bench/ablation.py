@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import load_run, metrics, plot, with_content_match  # noqa: E402  (one reader of results.json, one picture)
+from compare import load_run, metrics, paired, plot, with_content_match  # noqa: E402  (one reader of results.json, one picture)
 
 # name, label, stage-4 flags, stage-3 artifact it needs (None = none)
 VARIANTS = [
@@ -277,6 +277,13 @@ def main(argv=None):
         lines += ["Both with the content-match term, DMESR against plain + content match:",
                   f"- overall: {verdict('dmesr+test', 'NDCG@10', 'id+test')}",
                   f"- tail items: {verdict('dmesr+test', 'tail NDCG@10', 'id+test')}", ""]
+    if "dmesr" in names and "id" in names:  # the test set's own sampling error, one seed at a time
+        pairs = [(i, d) for i, d in zip(names["id"], names["dmesr"])]
+        pairs += [(f"{i}:cm", d) for i, d in pairs if with_content_match(load_run(data, i))]
+        if all((data / "runs" / n / "test_ranks.csv").is_file() for p in pairs for n in (p[0].split(":")[0], p[1])):
+            lines += ["DMESR as trained against plain (and against plain + content match, `:cm`), user by user on the "
+                      "test set, per seed: the mean NDCG@10 difference and its 95% interval over test users "
+                      "(`bench/compare.py --paired`):", "", paired(data, pairs), ""]
     out = Path(a.results) / f"{data.name}_{a.backbone}{'' if a.loss == 'ce' else '_' + a.loss}{sfx}.md"
     lines += ["Runs: " + ", ".join(f"`{n}`" for ns in names.values() for n in ns), "",
               f"![validation curves and test NDCG@10]({out.with_suffix('.png').name})", ""]

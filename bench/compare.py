@@ -178,8 +178,9 @@ def load_ranks(data: str | Path, spec: str, protocol: str) -> dict:
     return out
 
 
-def paired(data: str | Path, specs: list[str], protocol: str = "full") -> str:
-    """Markdown rows: each run against the first, per-user NDCG@10 differences with 95% intervals (see the docstring)."""
+def paired(data: str | Path, pairs: list[tuple[str, str]], protocol: str = "full") -> str:
+    """A markdown table, one row per (base, run) pair: per-user NDCG@10 differences run - base with 95% intervals
+    (see the docstring)."""
     import importlib
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     ndcg = importlib.import_module("04_train_backbone").user_ndcg  # the one metrics function
@@ -190,20 +191,19 @@ def paired(data: str | Path, specs: list[str], protocol: str = "full") -> str:
         half = 1.96 * float(np.std(d, ddof=1)) / np.sqrt(len(d))
         return f"{d.mean():+.4f} [{d.mean() - half:+.4f}, {d.mean() + half:+.4f}]"
 
-    base = load_ranks(data, specs[0], protocol)
     head = ["run", "against", "users", "Δ NDCG@10 [95% CI]", "tail users", "Δ tail NDCG@10 [95% CI]",
             "users better / worse"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for spec in specs[1:]:
-        other = load_ranks(data, spec, protocol)
+    for ref, spec in pairs:
+        base, other = load_ranks(data, ref, protocol), load_ranks(data, spec, protocol)
         if other.keys() != base.keys() or any(other[u][0] != base[u][0] for u in base):
-            raise SystemExit(f"{spec} and {specs[0]}: different test users or targets (another dataset or split?)")
+            raise SystemExit(f"{spec} and {ref}: different test users or targets (another dataset or split?)")
         users = list(base)
         a = ndcg(np.array([base[u][2] for u in users]), 10)
         b = ndcg(np.array([other[u][2] for u in users]), 10)
         tail = np.array([not base[u][1] for u in users])
         d = b - a
-        rows.append("| " + " | ".join([spec, specs[0], str(len(d)), interval(d), str(int(tail.sum())),
+        rows.append("| " + " | ".join([spec, ref, str(len(d)), interval(d), str(int(tail.sum())),
                                        interval(d[tail]), f"{int((d > 0).sum())} / {int((d < 0).sum())}"]) + " |")
     return "\n".join(rows)
 
@@ -222,7 +222,7 @@ def main(argv=None):
             raise SystemExit("--paired needs a base run and at least one run to compare with it")
         print(f"dataset {a.data}, test set, {a.protocol} ranking, per-user differences against {a.runs[0]} "
               "(95% CI over test users; tail = target outside the training-popularity head)")
-        print(paired(a.data, a.runs, a.protocol))
+        print(paired(a.data, [(a.runs[0], r) for r in a.runs[1:]], a.protocol))
         return
     first = load_run(a.data, a.runs[0]).get("protocol", {})
     print(f"dataset {a.data}, test set, {a.protocol} ranking: "

@@ -74,3 +74,26 @@ def test_ablation_reports_the_content_match_rows_from_the_same_runs(tiny_dataset
     assert "gamma " + ", ".join(f"{r['content_match']['gamma']:g}" for r in runs) in row
     only = next(line for line in md.splitlines() if line.startswith("| content only (no training) |"))
     assert only.split("|")[2].strip().startswith(f"{runs[0]['content_match']['content_only']['full']['NDCG@10']:.4f}")
+
+
+def test_ablation_adds_the_per_user_paired_differences_per_seed(tiny_dataset, tmp_path):
+    """With plain and DMESR runs of the same seeds, the table gets one paired row per seed (and one against plain +
+    content match): the mean per-user difference equals the difference of the two runs' test NDCG@10."""
+    from test_backbone import write_semantics
+    write_semantics(tiny_dataset)
+    res = {}
+    for key, hidden in (("id", 16), ("dmesr", 8)):  # stand-in runs under the names ablation.py reuses
+        for seed in (1, 2):
+            res[key, seed] = stage4.train(stage4.Config(data=str(tiny_dataset), views="id", epochs=2, batch_size=16,
+                                                        hidden=hidden, threads=1, seed=seed, content_grid="0,1,4",
+                                                        name=f"sasrec_ce_{key}_s{seed}"))
+    for art in ("aligned.pt", "fused.pt"):  # present, so ablation.py starts no stage 2 / 3 (the runs are reused)
+        (tiny_dataset / art).write_bytes(b"")
+    ablation = importlib.import_module("ablation")
+    ablation.main([str(tiny_dataset), "--variants", "id,dmesr", "--seeds", "1,2", "--results", str(tmp_path)])
+    md = (tmp_path / "tiny_sasrec.md").read_text().splitlines()
+    for seed in (1, 2):
+        for base, ref in (("", res["id", seed]["test"]), (":cm", res["id", seed]["content_match"]["test"])):
+            row = next(r for r in md if r.startswith(f"| sasrec_ce_dmesr_s{seed} | sasrec_ce_id_s{seed}{base} |"))
+            gap = res["dmesr", seed]["test"]["full"]["NDCG@10"] - ref["full"]["NDCG@10"]
+            assert float(row.split(" | ")[3].split(" [")[0]) == pytest.approx(gap, abs=6e-5)  # printed to 4 places
