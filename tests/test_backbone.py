@@ -5,13 +5,16 @@ from pathlib import Path
 import importlib
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import common
-from conftest import SHARED_DATA, run_script
+from conftest import ROOT, SHARED_DATA, run_script
 
 stage4 = importlib.import_module("04_train_backbone")
 
@@ -442,34 +445,65 @@ def test_dual_view_end_to_end_with_fusion_finetuning(tiny_dataset):
 
 # ---- the real data (slow) ----
 
-def train_on_real_beauty(tmp_path, *flags) -> dict:
-    """The canonical Beauty set from ../shared/data, one stage-4 run with the defaults + flags, its results.json."""
+# Both Beauty runs are capped at an epoch budget that CI can afford: started side by side, one thread each, they take
+# about 32 minutes on a 2-core AVX2-only EPYC (both floors below were measured there, this way). Run to convergence,
+# the same defaults give test NDCG@10 0.0563 (ce, best epoch 38) and sampled-100 HR@10 0.4726 (bce, best epoch 188).
+BEAUTY_RUNS = {"ce": ("--epochs", "40"), "bce": ("--loss", "bce", "--epochs", "120")}
+
+
+@pytest.fixture(scope="module")
+def beauty_run(tmp_path_factory):
+    """The canonical Beauty set from ../shared/data and every BEAUTY_RUNS stage-4 run started at once (the defaults,
+    `--views id`, one thread each: the exact configuration of the measured runs, since CPU float sums depend on the
+    thread count); returns a function that waits for one run and returns its results.json."""
     src = SHARED_DATA / "amazon"
     if not (src / "Beauty.txt").is_file():
         pytest.skip(f"real data not found at {src} (../shared/data is only on the development machines)")
-    data = tmp_path / "beauty"
+    data = tmp_path_factory.mktemp("real") / "beauty"
     run_script("data/prepare.py", "beauty", "--out", data)
-    # one thread: the exact configuration of the measured runs (CPU float sums depend on the thread count)
-    run_script("04_train_backbone.py", data, "--views", "id", "--name", "slow", "--threads", "1", *flags, timeout=3600)
-    return json.loads((data / "runs" / "slow" / "results.json").read_text())
+    procs = {}
+    for name, flags in BEAUTY_RUNS.items():
+        log = open(data / f"{name}.log", "w")  # a file, not a pipe: tqdm writes more than a pipe holds unread
+        cmd = [sys.executable, str(ROOT / "04_train_backbone.py"), str(data), "--views", "id", "--name", name,
+               "--threads", "1", *flags]
+        procs[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                        env=dict(os.environ, PYTHONUNBUFFERED="1")), log)
+
+    def result(name: str) -> dict:
+        proc, log = procs[name]
+        if proc.wait(timeout=3600) != 0:
+            raise AssertionError(f"Beauty run {name} exited {proc.returncode}\n"
+                                 f"{(data / f'{name}.log').read_text()[-4000:]}")
+        return json.loads((data / "runs" / name / "results.json").read_text())
+
+    yield result
+    for proc, log in procs.values():  # a run whose test was deselected or failed early must not outlive the session
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
 
 
 @pytest.mark.slow
-def test_sasrec_ce_on_real_beauty_reaches_published_level(tmp_path):
-    res = train_on_real_beauty(tmp_path)
-    # Measured with these defaults, seed 42, one thread: test NDCG@10 0.0563, HR@10 0.0915 (validation 0.0688, best
-    # epoch 38). With the user's own items left as candidates (--no-exclude-seen): 0.0414 / 0.0842, the top of the
-    # published SASRec range on this file (0.0327-0.0416). The floor sits a little below the measurement, so a change
-    # that costs accuracy (e.g. the per-batch loss mean that gave 0.0349 / 0.0715 there) fails here.
+def test_sasrec_ce_on_real_beauty_reaches_published_level(beauty_run):
+    res = beauty_run("ce")
+    # Measured at this budget (40 epochs), seed 42, one thread: test NDCG@10 0.0562, HR@10 0.0914 (best epoch 38, as
+    # without the cap). With the user's own items left as candidates (--no-exclude-seen) and no cap, 0.0414 / 0.0842:
+    # the top of the published SASRec range on this file (0.0327-0.0416). The floor sits a little below the
+    # measurement, so a change that costs accuracy (e.g. the per-batch loss mean that gave 0.0349 / 0.0715 at
+    # convergence) fails here.
+    assert res["epochs_run"] <= 40 and res["config"]["loss"] == "ce"
     assert res["test"]["full"]["NDCG@10"] >= 0.054 and res["test"]["full"]["HR@10"] >= 0.088
 
 
 @pytest.mark.slow
-def test_sasrec_bce_on_real_beauty_reaches_the_sasrec_paper_recipe_level(tmp_path):
-    res = train_on_real_beauty(tmp_path, "--loss", "bce")
-    # Measured with these defaults, seed 42, one thread: sampled-100 HR@10 0.4726 at epoch 188, chosen on sampled-100
-    # validation (the SASRec paper reports 0.4854 on its larger Beauty file); 0.4638 before SASRec's init scale 0.1.
-    assert res["config"]["select"] == "sampled" and res["test"]["sampled100"]["HR@10"] >= 0.47
+def test_sasrec_bce_on_real_beauty_reaches_the_sasrec_paper_recipe_level(beauty_run):
+    res = beauty_run("bce")
+    # Measured at this budget (120 epochs), seed 42, one thread: sampled-100 HR@10 0.4745 (best epoch 119), chosen on
+    # sampled-100 validation; without the cap, on another CPU, 0.4726 (epoch 188; the SASRec paper reports 0.4854 on
+    # its larger Beauty file), and 0.4638 before SASRec's init scale 0.1.
+    assert res["config"]["select"] == "sampled" and res["epochs_run"] <= 120
+    assert res["test"]["sampled100"]["HR@10"] >= 0.465
 
 
 def test_sweep_runs_in_parallel_and_shows_validation_only(tiny_dataset):
