@@ -60,6 +60,8 @@ VARIANTS = [
      ["--views", "dual", "--fused", "{data}/fused.pt", "--residual-lags", "2"], "fused.pt"),
     ("rare", "lever on: content residual weighted up on rare candidates (w x (1 + u x rarity), u learned)",
      ["--views", "dual", "--fused", "{data}/fused.pt", "--residual-rare"], "fused.pt"),
+    ("tfidf", "lever on: content residual over TF-IDF word overlap of the item text (not the encoder's cosine)",
+     ["--views", "dual", "--fused", "{data}/fused.pt", "--residual-text", "tfidf"], "fused.pt"),
     ("popadj", "lever on: logit adjustment by training popularity (tau = 1)",
      ["--views", "dual", "--fused", "{data}/fused.pt", "--pop-adjust", "1"], "fused.pt"),
     ("idpopadj", "plain backbone + logit adjustment (tau = 1)", ["--views", "id", "--pop-adjust", "1"], None),

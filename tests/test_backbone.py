@@ -908,3 +908,49 @@ def test_train_items_seen_leaves_never_trained_items_out_of_the_loss(tiny_datase
     start = stage4.Recommender(cfg, ds.n_items, ["id"], None).items.emb.weight[cold]
     trained = common.load_artifact(tiny_dataset / "runs" / cfg.name / "model.pt", "backbone")["state_dict"]
     assert torch.equal(trained["items.emb.weight"][cold], start) == (train_items == "seen")
+
+
+def test_residual_text_tfidf_ranks_neighbours_by_shared_words(tiny_dataset):
+    """--residual-text tfidf: the residual's neighbours and cosines are those of sublinear-tf TF-IDF text vectors,
+    written out by hand here (idf = ln((1 + n) / (1 + df)) + 1, tf -> 1 + ln tf, rows at unit norm); the model built
+    with the flag, and the one load_trained rebuilds from the saved run, carry exactly them; --match-text tfidf ranks
+    the content-only reference by the same cosine to the last history item."""
+    texts = ["red lipstick red", "red lipstick matte", "blue shampoo", "shampoo for dry hair", ""]
+    ids, cos = stage4.tfidf_nearest(texts, 2)
+    docs = [t.split() for t in texts]
+    vocab = sorted({w for d in docs for w in d})
+    n = len(docs)
+    idf = {w: math.log((1 + n) / (1 + sum(w in d for d in docs))) + 1 for w in vocab}
+    x = torch.tensor([[(1 + math.log(d.count(w))) * idf[w] if w in d else 0.0 for w in vocab] for d in docs])
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    c = x @ x.T
+    c.fill_diagonal_(float("-inf"))
+    torch.testing.assert_close(cos, c.topk(2, dim=1).values)
+    assert ids[0, 0] == 2 and ids[2, 0] == 4  # lipstick -> lipstick, shampoo -> shampoo (1-based ids)
+    assert cos[4].eq(0).all()  # an item without text shares no word with any other
+    payload = write_semantics(tiny_dataset)
+    ds = common.load_dataset(tiny_dataset, check_images=False)
+    cfg = stage4.Config(data=str(tiny_dataset), views="dual", semantic="raw", hidden=8, residual_k=5,
+                        residual_text="tfidf", match_text="tfidf", epochs=1, batch_size=16, threads=1,
+                        content_grid="0,1", name="tf")
+    want_ids, want_cos = stage4.tfidf_nearest(ds.texts(), 5)
+    res = stage4.train(cfg)
+    assert res["content_match"]["text"].startswith("TF-IDF")
+    t = stage4.tfidf(ds.texts()).toarray()
+    ranks = []
+    for u in ds.split()[1]:
+        hist, target = ds.seqs[u][:-1], ds.seqs[u][-1]
+        sc = t @ t[hist[-1] - 1]
+        sc[hist - 1] = -np.inf
+        ranks.append(int((sc >= sc[target - 1]).sum()))  # ties count against the target
+    for k, v in stage4.rank_metrics(ranks).items():
+        assert res["content_match"]["content_only"]["full"][k] == pytest.approx(v, abs=1e-6)
+    model, _, _ = stage4.load_trained(tiny_dataset, "tf", "cpu")
+    assert torch.equal(model.items.near_ids[1:ds.n_items + 1], want_ids)
+    torch.testing.assert_close(model.items.near_cos[1:ds.n_items + 1], want_cos)
+    encoder = stage4.Recommender(stage4.Config(data=str(tiny_dataset), semantic="raw", hidden=8, residual_k=5),
+                                 ds.n_items, ["A", "B"], None, payload, None, ds.texts())
+    assert not torch.equal(encoder.items.near_ids[1:ds.n_items + 1], want_ids)  # the default reads the encoder view
+    for bad in ({"residual_text": "bm25"}, {"match_text": "bm25"}):
+        with pytest.raises(SystemExit, match="residual-text"):
+            stage4.resolve_views(stage4.Config(data=str(tiny_dataset), views="dual", **bad))
