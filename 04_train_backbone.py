@@ -1572,7 +1572,9 @@ def load_resume(path: Path, cfg, ds, world: int) -> dict | None:
     if ck["fingerprint"] != ds.fingerprint:
         raise SystemExit(f"--resume: {path} was written for another dataset (fingerprint {ck['fingerprint']}, "
                          f"{cfg.data} is {ds.fingerprint}); run without --resume or with another --name")
-    now, then = asdict(cfg), ck["config"]
+    # a flag added after the checkpoint was written is read there at its default: each new flag's default keeps the
+    # behaviour of the code before it, so a run started before the flag existed resumes unchanged
+    now, then = asdict(cfg), {**asdict(Config()), **ck["config"]}
     # a larger --epochs extends a run that hit its budget: the epochs already run are those the longer run starts with
     diff = [f"--{k.replace('_', '-')} {then.get(k)!r} there, {v!r} now" for k, v in now.items()
             if k not in RESUME_FREE and then.get(k) != v and not (k == "epochs" and v > then[k])]

@@ -166,6 +166,14 @@ def test_resume_refuses_another_config_or_dataset(tiny_dataset, tmp_path):
     again = stage4.train(replace(cfg, resume=True, threads=2))
     same_run(again, first)
     assert again["resumed_after_epochs"] == [2]
+    # a checkpoint written before a flag existed: its config lacks the field, read there at the flag's default
+    last = tiny_dataset / "runs" / "r" / "last.pt"
+    ck = torch.load(last, weights_only=False)
+    del ck["config"]["match_text"]
+    torch.save(ck, last)
+    same_run(stage4.train(replace(cfg, resume=True)), first)
+    with pytest.raises(SystemExit, match=r"--match-text 'pooled' there, 'tfidf' now"):
+        stage4.train(replace(cfg, resume=True, match_text="tfidf"))
 
 
 def test_resume_with_a_larger_epoch_budget_equals_a_run_started_with_it(tiny_dataset):
