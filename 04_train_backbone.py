@@ -1576,8 +1576,8 @@ def load_resume(path: Path, cfg, ds, world: int) -> dict | None:
     # behaviour of the code before it, so a run started before the flag existed resumes unchanged
     now, then = asdict(cfg), {**asdict(Config()), **ck["config"]}
     # a larger --epochs extends a run that hit its budget: the epochs already run are those the longer run starts with
-    diff = [f"--{k.replace('_', '-')} {then.get(k)!r} there, {v!r} now" for k, v in now.items()
-            if k not in RESUME_FREE and then.get(k) != v and not (k == "epochs" and v > then[k])]
+    diff = [f"--{k.replace('_', '-')} {then[k]!r} there, {v!r} now" for k, v in now.items()
+            if k not in RESUME_FREE and then[k] != v and not (k == "epochs" and v > then[k])]
     if diff:
         raise SystemExit(f"--resume: {path} was written with another config ({'; '.join(diff)}); resume with the "
                          f"same flags, or run without --resume or with another --name")
