@@ -241,9 +241,13 @@ def main(argv=None):
         # where each run stopped: a variant whose runs stop early (or hit the epoch cap) is not trained like the others
         ep = ", ".join(f"{r.get('best_epoch', '?')}/{r.get('epochs_run', '?')}{'*' if r.get('interrupted_by') else ''}"
                        for r in res[key])
-        if "+" in key:  # a derived row: which gamma each seed's validation chose
-            ep = "gamma " + ", ".join(f"{r['content_match']['gamma']:g}" for r in runs) if key.endswith("+test") \
-                else "no training"
+        if "+" in key:  # a derived row: the weights each seed's validation chose
+            ep = "no training"
+            if key.endswith("+test"):
+                cms = [r["content_match"] for r in runs]
+                ep = "gamma " + ", ".join(f"{c['gamma']:g}" for c in cms)
+                if "tail_weight" in cms[0]:  # --match-tail
+                    ep += "; tail " + ", ".join(f"{c['tail_weight']:g}" for c in cms)
         rows.append(f"| {label} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in cells.values())
                     + f" | {ep} | {secs:.0f} |")
 

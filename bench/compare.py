@@ -55,6 +55,12 @@ def with_content_match(res: dict, key: str = "test") -> dict:
     return {**res, "test": cm[key], "valid": cm["valid"] if key == "test" else cm[key]["valid"]}
 
 
+def match_weights(res: dict) -> str:
+    """The content-match weights validation chose: "gamma G", with "+ tail B" where --match-tail was on."""
+    cm = res["content_match"]
+    return f"gamma {cm['gamma']:g}" + (f" + tail {cm['tail_weight']:g}" if "tail_weight" in cm else "")
+
+
 def describe(res: dict) -> dict:
     cfg = {**res.get("config", {}), **{k: v for k, v in res.items() if not isinstance(v, (dict, list))}}
     return {"backbone": cfg.get("backbone", "?"), "views": cfg.get("views", "?"), "loss": cfg.get("loss", "?"),
@@ -79,7 +85,7 @@ def table(data: str, names: list[str], protocol: str = "full") -> str:
         cm = with_content_match(res)
         if cm:  # the same model with the inference-time content-match term (gamma chosen on validation)
             m, tail = metrics(cm, protocol), metrics(cm, protocol, "tail_items")
-            rows.append("| " + " | ".join([f"{name} + content match (gamma {res['content_match']['gamma']:g})",
+            rows.append("| " + " | ".join([f"{name} + content match ({match_weights(res)})",
                                            str(d["backbone"]), views, protocol, str(d["loss"]), str(d["seed"]),
                                            *(fmt(m.get(k)) for k in METRICS), fmt(tail.get("NDCG@10"))]) + " |")
     return "\n".join(rows)

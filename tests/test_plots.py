@@ -76,6 +76,23 @@ def test_ablation_reports_the_content_match_rows_from_the_same_runs(tiny_dataset
     assert only.split("|")[2].strip().startswith(f"{runs[0]['content_match']['content_only']['full']['NDCG@10']:.4f}")
 
 
+def test_ablation_and_compare_name_the_tail_weight_of_match_tail(tiny_dataset, tmp_path):
+    """Runs made with --match-tail show the tail weight each seed's validation chose beside its gamma."""
+    from test_backbone import write_semantics
+    write_semantics(tiny_dataset)
+    res = stage4.train(stage4.Config(data=str(tiny_dataset), views="id", epochs=2, batch_size=16, hidden=16, threads=1,
+                                     seed=1, name="sasrec_ce_id_s1", content_grid="0,1", match_tail="2,1000"))
+    cm = res["content_match"]
+    ablation = importlib.import_module("ablation")
+    ablation.main([str(tiny_dataset), "--variants", "id", "--seeds", "1", "--results", str(tmp_path)])
+    row = next(line for line in (tmp_path / "tiny_sasrec.md").read_text().splitlines()
+               if line.startswith("| plain backbone + content match |"))
+    assert f"gamma {cm['gamma']:g}; tail {cm['tail_weight']:g}" in row
+    compare = importlib.import_module("compare")
+    assert f"(gamma {cm['gamma']:g} + tail {cm['tail_weight']:g})" in compare.table(str(tiny_dataset),
+                                                                                    ["sasrec_ce_id_s1"])
+
+
 def test_ablation_adds_the_per_user_paired_differences_per_seed(tiny_dataset, tmp_path):
     """With plain and DMESR runs of the same seeds, the table gets one paired row per seed (and one against plain +
     content match): the mean per-user difference equals the difference of the two runs' test NDCG@10."""
