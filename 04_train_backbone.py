@@ -1330,7 +1330,7 @@ def content_match_ranks(model, hist, seen, target, negs, cosine, pairs, tail, cf
     {(gamma, beta): (full, sampled), "content_only": (...)}"""
     was = model.training
     model.eval()
-    table, N, tail = model.table(), model.n, tail.to(device)
+    table, tail = model.table(), tail.to(device) if any(b for _, b in pairs) else None
     out = {g: (np.zeros(len(hist), np.int64), np.zeros(len(hist), np.int64)) for g in [*pairs, "content_only"]}
     for idx, h in user_states(model, hist, np.arange(len(hist)), cfg, device, bert):
         t = torch.from_numpy(target[idx]).to(device)
@@ -1339,7 +1339,7 @@ def content_match_ranks(model, hist, seen, target, negs, cosine, pairs, tail, cf
         c = F.pad(cosine(hist[idx, -1] - 1), (1, 0))  # column 0 = padding
         only = c.scatter(1, own, float("-inf"))[:, 1:]
         c = c.scatter_(1, own, 0.0)[:, 1:]
-        ct = c * tail if any(b for _, b in pairs) else None
+        ct = c * tail if tail is not None else None
         last = recent(hist[idx], cfg.residual_lags).to(device)
         s_model, buf = add_at(Recommender.score(h, table), model.near_add(last)), torch.empty_like(c)
         if cfg.exclude_seen:  # the model's own ranking leaves them out: so does every row built on it
