@@ -900,11 +900,11 @@ def write_semantics(cfg: Config, out: Path, ds, rows: list[int], texts: dict, ta
 def main(cfg: Config):
     setup_logging()
     log_config(cfg)
-    seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     views, shard = check_options(cfg)
     device = pick_device(cfg.device)
+    seed_everything(cfg.seed, device)
     ds = load_dataset(cfg.data)
     out = Path(cfg.out) if cfg.out else Path(cfg.data) / (f"semantics_limit{cfg.limit}.pt" if cfg.limit else
                                                           "semantics.pt")

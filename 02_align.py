@@ -164,8 +164,8 @@ def align(view_emb: torch.Tensor, view_mask: torch.Tensor, cfg: Config, device: 
 def main(cfg: Config):
     common.setup_logging()
     common.log_config(cfg)
-    common.seed_everything(cfg.seed)
     device = common.pick_device(cfg.device)
+    common.seed_everything(cfg.seed, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = Path(cfg.data)

@@ -252,8 +252,8 @@ def encode_all(fusion: BiCrossFusion, inputs, device, chunk: int = 1024):
 def main(cfg: Config):
     common.setup_logging()
     common.log_config(cfg)
-    common.seed_everything(cfg.seed)
     device = common.pick_device(cfg.device)
+    common.seed_everything(cfg.seed, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = Path(cfg.data)

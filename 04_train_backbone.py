@@ -794,7 +794,7 @@ class Progress:
 def train(cfg: Config) -> dict:
     """Train, pick the epoch on validation, test it once; writes DATA/runs/<name>/ and returns results.json's dict."""
     world, rank, device = setup_distributed(cfg)
-    common.seed_everything(cfg.seed)
+    common.seed_everything(cfg.seed, device)
     views, fused_path, mode = resolve_views(cfg)
     ds = common.load_dataset(cfg.data, check_images=False)
     fused = load_fused(fused_path, ds) if fused_path and cfg.semantic != "raw" else None

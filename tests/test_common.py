@@ -284,3 +284,27 @@ def test_seed_everything_repeats_draws():
     seed_everything(3)
     b = (np.random.rand(3), torch.rand(3))
     assert np.array_equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_seed_everything_makes_cpu_training_repeat_at_any_thread_count():
+    """The backward of table[ids] with repeated ids (every stage's lookups) sums rows with atomics across threads unless
+    torch's deterministic kernels are on: the float sums' order, and so the trained model, then varies run to run.
+    seed_everything turns them on for CPU runs."""
+    threads, was = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.set_num_threads(2)
+        seed_everything(0, "cpu")
+        assert torch.are_deterministic_algorithms_enabled()
+        x = torch.randn(200, 64, requires_grad=True)
+        ids, g = torch.randint(0, 200, (20000,)), torch.randn(20000, 64)
+        grads = []
+        for _ in range(5):
+            x.grad = None
+            (x[ids] * g).sum().backward()
+            grads.append(x.grad.clone())
+        assert all(torch.equal(grads[0], gr) for gr in grads[1:])
+        exact = torch.zeros(200, 64, dtype=torch.float64).index_add_(0, ids, g.double())
+        assert torch.allclose(grads[0].double(), exact, atol=1e-3)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(was)
