@@ -148,6 +148,9 @@ class Config:
     match_tail: str = "0"
     """content match, tail candidates: extra weights tried on validation with each gamma, score + (gamma + beta x
     tail_j) x cos, tail_j = 1 for the items outside the training-popularity head (--head-frac); 0 = off"""
+    match_query: str = "0"
+    """content match, tail queries: extra weights tried on validation with each (gamma, beta), + delta x q_u x cos,
+    q_u = 1 when the user's last item is a tail item (its ID embedding is the weak one); 0 = off"""
     hidden: int = 64
     """hidden size of the backbone (per view; the dual-view user/item vectors are twice this)"""
     blocks: int = 2
@@ -1322,16 +1325,16 @@ def group_metrics(rf, rs, train_seqs, eval_users, hist, target, N, cfg) -> dict:
 
 
 @torch.no_grad()
-def content_match_ranks(model, hist, seen, target, negs, cosine, pairs, tail, cfg, device, bert) -> dict:
-    """Ranks under the training-free content-match term (EVIDENCE.md lever 5): score_j + (gamma + beta tail_j) *
-    cos(t_j, t_last), t = the items' text vectors, t_last = the last history item's, tail [N] 0/1 (training popularity);
-    cosine(ids [B]) -> [B, N]. The cosine is zeroed on the user's own items (`seen`, right-aligned), else the last item
-    would match itself. Also the content-only reference, the cosine alone with the user's items excluded.
-    {(gamma, beta): (full, sampled), "content_only": (...)}"""
+def content_match_ranks(model, hist, seen, target, negs, cosine, combos, tail, cfg, device, bert) -> dict:
+    """Ranks under the training-free content-match term (EVIDENCE.md lever 5): score_j + (gamma + beta tail_j +
+    delta q_u) * cos(t_j, t_last), t = the items' text vectors, t_last = the last history item's, tail [N] 0/1
+    (training popularity), q_u = tail at the user's last item; cosine(ids [B]) -> [B, N]. The cosine is zeroed on the
+    user's own items (`seen`, right-aligned), else the last item would match itself. Also the content-only reference,
+    the cosine alone with the user's items excluded. {(gamma, beta, delta): (full, sampled), "content_only": (...)}"""
     was = model.training
     model.eval()
-    table, tail = model.table(), tail.to(device) if any(b for _, b in pairs) else None
-    out = {g: (np.zeros(len(hist), np.int64), np.zeros(len(hist), np.int64)) for g in [*pairs, "content_only"]}
+    table, tail = model.table(), tail.to(device) if any(b or d for _, b, d in combos) else None
+    out = {g: (np.zeros(len(hist), np.int64), np.zeros(len(hist), np.int64)) for g in [*combos, "content_only"]}
     for idx, h in user_states(model, hist, np.arange(len(hist)), cfg, device, bert):
         t = torch.from_numpy(target[idx]).to(device)
         cand = torch.cat([t[:, None], torch.from_numpy(negs[idx]).to(device)], 1) - 1
@@ -1340,6 +1343,7 @@ def content_match_ranks(model, hist, seen, target, negs, cosine, pairs, tail, cf
         only = c.scatter(1, own, float("-inf"))[:, 1:]
         c = c.scatter_(1, own, 0.0)[:, 1:]
         ct = c * tail if tail is not None else None
+        cq = c * tail[torch.from_numpy(hist[idx, -1] - 1).to(device)][:, None] if tail is not None else None
         last = recent(hist[idx], cfg.residual_lags).to(device)
         s_model, buf = add_at(Recommender.score(h, table), model.near_add(last)), torch.empty_like(c)
         if cfg.exclude_seen:  # the model's own ranking leaves them out: so does every row built on it
@@ -1351,6 +1355,8 @@ def content_match_ranks(model, hist, seen, target, negs, cosine, pairs, tail, cf
                 s = torch.add(s_model, c, alpha=key[0], out=buf)
                 if key[1]:
                     s.add_(ct, alpha=key[1])
+                if key[2]:
+                    s.add_(cq, alpha=key[2])
             sc = s.gather(1, cand)
             out[key][1][idx] = (1 + (sc[:, 1:] >= sc[:, :1]).sum(1)).cpu().numpy()
             out[key][0][idx] = count_at_least(s, sc[:, :1].clone()).cpu().numpy()  # overwrites s: last use
@@ -1359,8 +1365,8 @@ def content_match_ranks(model, hist, seen, target, negs, cosine, pairs, tail, cf
 
 
 def content_match(model, sem, ds, train_seqs, eval_users, valid, test, cfg, device, bert) -> dict:
-    """The inference-time content term, (gamma, beta) chosen on validation NDCG@10 (the --select protocol; the
-    smallest gamma, then beta, on a tie), then test once; plus the content-only reference. The model is not retrained:
+    """The inference-time content term, (gamma, beta, delta) chosen on validation NDCG@10 (the --select protocol;
+    the smallest gamma, then beta, then delta, on a tie), then test once; plus the content-only reference. The model is not retrained:
     the run's own test figures stay the as-trained ones. Returns (results.json's entry, {"cm" | "content": per-user
     test ranks})."""
     if cfg.match_text == "tfidf":  # sparse [N, V]: each batch's rows times all items, densified per batch only
@@ -1373,33 +1379,36 @@ def content_match(model, sem, ds, train_seqs, eval_users, valid, test, cfg, devi
         about = "stage-1 pooled original item text (semantics.pt text_pooled)"
     gammas = [float(g) for g in cfg.content_grid.split(",")]
     betas = sorted({0.0, *(float(b) for b in cfg.match_tail.split(","))})
-    pairs = [(g, b) for g in gammas for b in betas]
+    deltas = sorted({0.0, *(float(b) for b in cfg.match_query.split(","))})
+    combos = [(g, b, q) for g in gammas for b in betas for q in deltas]
     tail = torch.from_numpy(~head_items(train_seqs, ds.n_items, cfg.head_frac)[1:]).float()  # training interactions
     sel, out = SELECT[cfg.select], {}
     for split, (hist, tgt, negs) in (("valid", valid), ("test", test)):
         users = [ds.seqs[u][:-2] if split == "valid" else ds.seqs[u][:-1] for u in eval_users]
         seen, _ = right_aligned(users, max(len(x) for x in users))
-        ranks = content_match_ranks(model, hist, seen, tgt, negs, cosine, pairs, tail, cfg, device, bert)
+        ranks = content_match_ranks(model, hist, seen, tgt, negs, cosine, combos, tail, cfg, device, bert)
         out[split] = {g: protocol_metrics(*r) for g, r in ranks.items()}
         if split == "valid":
-            by_pair = {k: out["valid"][k][sel]["NDCG@10"] for k in pairs}
-            gamma, beta = max(pairs, key=lambda k: (by_pair[k], -k[0], -k[1]))
+            by = {k: out["valid"][k][sel]["NDCG@10"] for k in combos}
+            gamma, beta, delta = best = max(combos, key=lambda k: (by[k], -k[0], -k[1], -k[2]))
         else:
             test_ranks = ranks
     res = {"text": about + ", cosine to the last history item, zeroed on the user's own items", "grid": gammas,
-           "gamma": gamma, "valid_by_gamma": {g: by_pair[g, 0.0] for g in gammas}, "valid": out["valid"][gamma, beta]}
-    if len(betas) > 1:
-        res.update({"tail_grid": betas, "tail_weight": beta, "valid_by_pair": [[*k, v] for k, v in by_pair.items()],
+           "gamma": gamma, "valid_by_gamma": {g: by[g, 0.0, 0.0] for g in gammas}, "valid": out["valid"][best]}
+    if len(betas) > 1 or len(deltas) > 1:
+        res.update({"tail_grid": betas, "tail_weight": beta, "query_grid": deltas, "query_weight": delta,
+                    "valid_by_combo": [[*k, v] for k, v in by.items()],
                     "tail": f"items outside the top {cfg.head_frac:.0%} by training interactions"})
-    for key, g in (("test", (gamma, beta)), ("content_only", "content_only")):
+    for key, g in (("test", best), ("content_only", "content_only")):
         res[key] = {**out["test"][g], "groups": group_metrics(*test_ranks[g], train_seqs, eval_users, test[0], test[1],
                                                               ds.n_items, cfg)}
     res["content_only"]["valid"] = out["valid"]["content_only"]
     t, c = res["test"]["full"], res["content_only"]["full"]
     log.info(f"content match: gamma {gamma:g}" + (f", tail +{beta:g}" if len(betas) > 1 else "")
-             + f" (validation {sel} NDCG@10 {by_pair.get((0.0, 0.0), 0):.4f} -> {by_pair[gamma, beta]:.4f}); test full "
+             + (f", tail query +{delta:g}" if len(deltas) > 1 else "")
+             + f" (validation {sel} NDCG@10 {by.get((0.0, 0.0, 0.0), 0):.4f} -> {by[best]:.4f}); test full "
              f"NDCG@10 {t['NDCG@10']:.4f} HR@10 {t['HR@10']:.4f}; content only {c['NDCG@10']:.4f}")
-    return res, {"cm": test_ranks[gamma, beta], "content": test_ranks["content_only"]}
+    return res, {"cm": test_ranks[best], "content": test_ranks["content_only"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1504,10 +1513,11 @@ def resolve_views(cfg: Config) -> tuple[list[str], Path | None, str]:
     if cfg.residual_text not in ("view", "tfidf") or cfg.match_text not in ("pooled", "tfidf"):
         raise SystemExit(f"--residual-text {cfg.residual_text!r} / --match-text {cfg.match_text!r}: expected view|tfidf "
                          "/ pooled|tfidf")
-    try:
-        [float(b) for b in cfg.match_tail.split(",")]
-    except ValueError:
-        raise SystemExit(f"--match-tail {cfg.match_tail!r}: expected comma-separated numbers, e.g. 0,1,2,4")
+    for flag, grid in (("--match-tail", cfg.match_tail), ("--match-query", cfg.match_query)):
+        try:
+            [float(b) for b in grid.split(",")]
+        except ValueError:
+            raise SystemExit(f"{flag} {grid!r}: expected comma-separated numbers, e.g. 0,1,2,4")
     free = {v.strip() for v in cfg.id_free.split(",") if v.strip()}
     bad = free - {"A", "B"}
     if bad:

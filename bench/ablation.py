@@ -246,8 +246,10 @@ def main(argv=None):
             if key.endswith("+test"):
                 cms = [r["content_match"] for r in runs]
                 ep = "gamma " + ", ".join(f"{c['gamma']:g}" for c in cms)
-                if "tail_weight" in cms[0]:  # --match-tail
+                if len(cms[0].get("tail_grid", [])) > 1:  # --match-tail
                     ep += "; tail " + ", ".join(f"{c['tail_weight']:g}" for c in cms)
+                if len(cms[0].get("query_grid", [])) > 1:  # --match-query
+                    ep += "; tail query " + ", ".join(f"{c['query_weight']:g}" for c in cms)
         rows.append(f"| {label} | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in cells.values())
                     + f" | {ep} | {secs:.0f} |")
 

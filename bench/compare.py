@@ -56,9 +56,11 @@ def with_content_match(res: dict, key: str = "test") -> dict:
 
 
 def match_weights(res: dict) -> str:
-    """The content-match weights validation chose: "gamma G", with "+ tail B" where --match-tail was on."""
+    """The content-match weights validation chose: "gamma G", with "+ tail B" where --match-tail was on and "+ tail
+    query D" where --match-query was."""
     cm = res["content_match"]
-    return f"gamma {cm['gamma']:g}" + (f" + tail {cm['tail_weight']:g}" if "tail_weight" in cm else "")
+    return (f"gamma {cm['gamma']:g}" + (f" + tail {cm['tail_weight']:g}" if len(cm.get("tail_grid", [])) > 1 else "")
+            + (f" + tail query {cm['query_weight']:g}" if len(cm.get("query_grid", [])) > 1 else ""))
 
 
 def describe(res: dict) -> dict:

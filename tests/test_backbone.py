@@ -956,30 +956,38 @@ def test_residual_text_tfidf_ranks_neighbours_by_shared_words(tiny_dataset):
             stage4.resolve_views(stage4.Config(data=str(tiny_dataset), views="dual", **bad))
 
 
-def test_match_tail_weighs_the_cosine_up_on_tail_candidates_only(tiny_dataset):
-    """--match-tail: (gamma, beta) is chosen on validation over the whole grid; score + (gamma + beta tail_j) cos
-    equals the plain match at gamma + beta when every item is tail, and at gamma when none is."""
+def test_match_tail_and_match_query_weigh_the_cosine_up_on_tail_candidates_and_tail_queries(tiny_dataset):
+    """--match-tail / --match-query: (gamma, beta, delta) is chosen on validation over the whole grid; score + (gamma +
+    beta tail_j + delta q_u) cos equals the plain match at gamma + beta + delta when every item is tail, and at gamma
+    when none is; with a mask that marks only the users' last items, the query weight acts and the tail one does not."""
     write_semantics(tiny_dataset)
     cfg = stage4.Config(data=str(tiny_dataset), views="id", hidden=8, epochs=2, batch_size=16, threads=1,
-                        content_grid="0,0.5", match_tail="2,1000", name="mt")
+                        content_grid="0,0.5", match_tail="2,1000", match_query="3", name="mt")
     cm = stage4.train(cfg)["content_match"]
-    assert cm["tail_grid"] == [0.0, 2.0, 1000.0]
-    by = {(g, b): v for g, b, v in cm["valid_by_pair"]}
-    assert (cm["gamma"], cm["tail_weight"]) == max(by, key=lambda k: (by[k], -k[0], -k[1]))
-    assert cm["valid"]["full"]["NDCG@10"] == by[cm["gamma"], cm["tail_weight"]]
-    assert cm["valid_by_gamma"] == {g: by[g, 0.0] for g in (0.0, 0.5)}
+    assert cm["tail_grid"] == [0.0, 2.0, 1000.0] and cm["query_grid"] == [0.0, 3.0]
+    by = {(g, b, q): v for g, b, q, v in cm["valid_by_combo"]}
+    assert len(by) == 2 * 3 * 2
+    assert (cm["gamma"], cm["tail_weight"], cm["query_weight"]) == max(by, key=lambda k: (by[k], -k[0], -k[1], -k[2]))
+    assert cm["valid"]["full"]["NDCG@10"] == by[cm["gamma"], cm["tail_weight"], cm["query_weight"]]
+    assert cm["valid_by_gamma"] == {g: by[g, 0.0, 0.0] for g in (0.0, 0.5)}
     model, cfg, ds = stage4.load_trained(tiny_dataset, "mt", "cpu")
     d = stage4.build_data(cfg, ds)
     seen, _ = stage4.right_aligned([ds.seqs[u][:-1] for u in d.eval_users], 50)
     text = torch.nn.functional.normalize(common.load_artifact(tiny_dataset / "semantics.pt", "semantics")
                                          ["text_pooled"].float(), dim=-1)
     cosine = lambda ids: text[torch.from_numpy(ids)] @ text.T
-    run = lambda pairs, tail: stage4.content_match_ranks(model, d.test[0], seen, d.test[1], d.test[2], cosine, pairs,
-                                                         tail, cfg, torch.device("cpu"), False)
+    run = lambda combos, tail: stage4.content_match_ranks(model, d.test[0], seen, d.test[1], d.test[2], cosine,
+                                                          combos, tail, cfg, torch.device("cpu"), False)
+    same = lambda r, k1, k2: all(np.array_equal(x, y) for x, y in zip(r[k1], r[k2]))
     ones, zeros = torch.ones(ds.n_items), torch.zeros(ds.n_items)
-    a, b = run([(0.5, 2.0), (2.5, 0.0)], ones), run([(0.5, 2.0), (0.5, 0.0)], zeros)
-    for r, key in ((a, (2.5, 0.0)), (b, (0.5, 0.0))):
-        assert all(np.array_equal(x, y) for x, y in zip(r[0.5, 2.0], r[key]))
-    assert not all(np.array_equal(x, y) for x, y in zip(a[0.5, 2.0], b[0.5, 2.0]))  # the tail mask does count
-    with pytest.raises(SystemExit, match="match-tail"):
-        stage4.resolve_views(stage4.Config(data=str(tiny_dataset), views="id", match_tail="high"))
+    a, b = run([(0.5, 2.0, 3.0), (5.5, 0.0, 0.0)], ones), run([(0.5, 2.0, 3.0), (0.5, 0.0, 0.0)], zeros)
+    assert same(a, (0.5, 2.0, 3.0), (5.5, 0.0, 0.0)) and same(b, (0.5, 2.0, 3.0), (0.5, 0.0, 0.0))
+    assert not all(np.array_equal(x, y) for x, y in zip(a[0.5, 2.0, 3.0], b[0.5, 2.0, 3.0]))  # the mask does count
+    lasts = torch.zeros(ds.n_items)
+    lasts[torch.from_numpy(d.test[0][:, -1] - 1)] = 1.0  # every user's query is tail, most candidates are not
+    c = run([(0.0, 0.0, 3.0), (3.0, 0.0, 0.0), (0.0, 3.0, 0.0), (0.0, 0.0, 0.0)], lasts)
+    assert same(c, (0.0, 0.0, 3.0), (3.0, 0.0, 0.0))  # q_u = 1 for every user: delta acts like gamma
+    assert not same(c, (0.0, 3.0, 0.0), (3.0, 0.0, 0.0))  # only the (zeroed, own) last items are tail candidates
+    for flag in ("match_tail", "match_query"):
+        with pytest.raises(SystemExit, match=flag.replace("_", "-")):
+            stage4.resolve_views(stage4.Config(data=str(tiny_dataset), views="id", **{flag: "high"}))

@@ -76,20 +76,21 @@ def test_ablation_reports_the_content_match_rows_from_the_same_runs(tiny_dataset
     assert only.split("|")[2].strip().startswith(f"{runs[0]['content_match']['content_only']['full']['NDCG@10']:.4f}")
 
 
-def test_ablation_and_compare_name_the_tail_weight_of_match_tail(tiny_dataset, tmp_path):
-    """Runs made with --match-tail show the tail weight each seed's validation chose beside its gamma."""
+def test_ablation_and_compare_name_the_tail_weights_of_match_tail_and_match_query(tiny_dataset, tmp_path):
+    """Runs made with --match-tail / --match-query show the weights each seed's validation chose beside its gamma."""
     from test_backbone import write_semantics
     write_semantics(tiny_dataset)
     res = stage4.train(stage4.Config(data=str(tiny_dataset), views="id", epochs=2, batch_size=16, hidden=16, threads=1,
-                                     seed=1, name="sasrec_ce_id_s1", content_grid="0,1", match_tail="2,1000"))
+                                     seed=1, name="sasrec_ce_id_s1", content_grid="0,1", match_tail="2,1000",
+                                     match_query="3"))
     cm = res["content_match"]
     ablation = importlib.import_module("ablation")
     ablation.main([str(tiny_dataset), "--variants", "id", "--seeds", "1", "--results", str(tmp_path)])
     row = next(line for line in (tmp_path / "tiny_sasrec.md").read_text().splitlines()
                if line.startswith("| plain backbone + content match |"))
-    assert f"gamma {cm['gamma']:g}; tail {cm['tail_weight']:g}" in row
+    assert f"gamma {cm['gamma']:g}; tail {cm['tail_weight']:g}; tail query {cm['query_weight']:g}" in row
     compare = importlib.import_module("compare")
-    assert f"(gamma {cm['gamma']:g} + tail {cm['tail_weight']:g})" in compare.table(str(tiny_dataset),
+    assert f"(gamma {cm['gamma']:g} + tail {cm['tail_weight']:g} + tail query {cm['query_weight']:g})" in compare.table(str(tiny_dataset),
                                                                                     ["sasrec_ce_id_s1"])
 
 
