@@ -127,6 +127,10 @@ class Config:
     """--content-residual: each term weighs w_j x (1 + u x rarity of the candidate), u learned from 0, rarity = 1 -
     log(1 + pop) / log(1 + max pop) by training interactions: the content match may count more where the ID is weak
     (no effect with --views id)"""
+    residual_query: bool = False
+    """--content-residual: the term of each item read weighs w_j x (1 + u x its rarity), u learned from 0 (rarity as
+    --residual-rare): the content of a rare item read says more than its barely trained ID vector (no effect with
+    --views id)"""
     pop_adjust: float = 0.0
     """logit adjustment: training scores get + this x log(1 + training popularity) of the item (none at evaluation),
     so the model's own scores hold less of the popularity prior and a rare item ranks by what it is like; 0 = off"""
@@ -373,6 +377,7 @@ class ItemEncoder(nn.Module):
         # buffers near_ids / near_cos [N + 2, K], rows 0 and N + 1 empty; the plain backbone has no content to use
         self.near = cfg.content_residual and views != ["id"]
         self.rare = self.near and cfg.residual_rare
+        self.query = self.near and cfg.residual_query
         if self.near:
             # A d-wide adapter keeps little of what tells near-duplicate items apart (on Beauty's titles the cosine to
             # the last item keeps 63% of its tail NDCG@10 through a 32-d PCA, 78% through 64-d, all at full width): the
@@ -389,11 +394,15 @@ class ItemEncoder(nn.Module):
             # recent items say more about the next one than older ones do)
             if cfg.residual_lags > 1:
                 self.near_lag_weight = nn.Parameter(0.5 ** torch.arange(1.0, cfg.residual_lags))
-            # --residual-rare: a candidate's cosine weighs (1 + u x rarity); rows 0 and N + 1 (no item) are 0
-            if self.rare:
+            # --residual-rare: a candidate's cosine weighs (1 + u x rarity); --residual-query: the item read's cosines
+            # weigh (1 + u' x its rarity); rows 0 and N + 1 (no item) are 0
+            if self.rare or self.query:
                 lp = torch.log1p(torch.as_tensor(pop, dtype=torch.float32))
                 self.register_buffer("rarity", F.pad(1 - lp / lp.max().clamp_min(1e-8), (1, 1)), persistent=False)
+            if self.rare:
                 self.near_rare = nn.Parameter(torch.tensor(0.0))
+            if self.query:
+                self.near_query = nn.Parameter(torch.tensor(0.0))
         if views != ["id"]:
             widths = [(fused["h_" + v] if cfg.finetune_fusion else tables[v]).shape[1] for v in views]
             self.adapters = nn.ModuleList(nn.Linear(w, d) for w in widths)
@@ -576,6 +585,8 @@ class Recommender(nn.Module):
         if last.shape[1] > 1:
             w = torch.cat([w, self.items.near_lag_weight[:last.shape[1] - 1]])
         v = w[:, None] * cos
+        if self.items.query:  # --residual-query: by the rarity of the item read
+            v = v * (1 + self.items.near_query * self.items.rarity[last])[..., None]
         if self.items.rare:  # --residual-rare
             v = v * (1 + self.items.near_rare * self.items.rarity[ids])
         return ids.flatten(1), v.flatten(1)
@@ -1006,6 +1017,8 @@ def train_epoch(run: Run, epoch: int) -> tuple[dict, int]:
             row["near_lag_weight"] = run.model.items.near_lag_weight.tolist()
         if cfg.residual_rare:
             row["near_rare"] = run.model.items.near_rare.item()
+        if cfg.residual_query:
+            row["near_query"] = run.model.items.near_query.item()
     return row, n_seq
 
 
@@ -1031,6 +1044,7 @@ def validate(run: Run, p: Progress, row: dict) -> None:
     if "near_weight" in row:  # one learned weight per lag
         w = " content w " + ", ".join(f"{x:.2f}" for x in [row["near_weight"], *row.get("near_lag_weight", [])])
         w += f" rare u {row['near_rare']:.2f}" if "near_rare" in row else ""
+        w += f" query u {row['near_query']:.2f}" if "near_query" in row else ""
     log.info(f"epoch {epoch:3d} loss {row['loss']:.4f} valid {cfg.select} NDCG@10 {score:.4f} HR@10 "
              f"{row['valid'][sel]['HR@10']:.4f} (best {p.best:.4f} @ {p.best_epoch}){w} | "
              f"{row['seq_per_s']:.0f} seq/s, train {row['train_seconds']:.1f}s, "
