@@ -670,13 +670,15 @@ def test_residual_lags_add_one_weighted_cosine_per_item_read_back(tiny_dataset, 
         stage4.resolve_views(stage4.Config(data=str(tiny_dataset), views="dual", residual_lags=0))
 
 
-def test_residual_rare_weighs_each_candidates_cosine_by_its_training_rarity(tiny_dataset, tmp_path):
-    """--residual-rare: the residual's cosine to candidate c weighs w_j x (1 + u x rarity_c), rarity_c = 1 - log(1 +
-    pop_c) / log(1 + max pop) from training interactions only (the validation and test items do not count); u starts
-    at 0 (the plain residual), is learned, and the training loss and evaluation see the same term."""
+@pytest.mark.parametrize("flag", ["residual_rare", "residual_query"])
+def test_residual_rare_and_query_weigh_the_cosines_by_training_rarity(tiny_dataset, tmp_path, flag):
+    """--residual-rare: the residual's cosine to candidate c weighs w_j x (1 + u x rarity_c); --residual-query: the
+    terms from the item read j steps back weigh w_j x (1 + u x rarity of that item). rarity = 1 - log(1 + pop) / log(1
+    + max pop) from training interactions only (the validation and test items do not count); u starts at 0 (the plain
+    residual), is learned, and the training loss and evaluation see the same term."""
     payload = write_semantics(tiny_dataset)
     cfg = stage4.Config(data=str(tiny_dataset), hidden=8, dropout=0.0, views="dual", semantic="raw",
-                        exclude_seen=False, residual_k=5, residual_lags=2, residual_rare=True, threads=1)
+                        exclude_seen=False, residual_k=5, residual_lags=2, threads=1, **{flag: True})
     ds = common.load_dataset(tiny_dataset, check_images=False)
     data = stage4.build_data(cfg, ds)
     N = ds.n_items
@@ -689,51 +691,25 @@ def test_residual_rare_weighs_each_candidates_cosine_by_its_training_rarity(tiny
     hist = random_batch(N, L=6).numpy()
     last = stage4.recent(hist, 2)
     dense = torch.zeros(N + 2, N + 1).scatter_(1, model.items.near_ids, model.items.near_cos)[:, 1:]
+    u = model.items.near_rare if flag == "residual_rare" else model.items.near_query
     with torch.no_grad():
         plain = stage4.add_at(torch.zeros(len(hist), N), model.near_add(last))  # u = 0: the plain residual
         torch.testing.assert_close(plain, 1.0 * dense[last[:, 0]] + 0.5 * dense[last[:, 1]])
-        model.items.near_rare.fill_(3.0)
-        want = plain * (1 + 3.0 * model.items.rarity[1:N + 1])
+        u.fill_(3.0)
+        if flag == "residual_rare":
+            want = plain * (1 + 3.0 * model.items.rarity[1:N + 1])
+        else:
+            r = lambda j: 1 + 3.0 * model.items.rarity[last[:, j]][:, None]
+            want = 1.0 * r(0) * dense[last[:, 0]] + 0.5 * r(1) * dense[last[:, 1]]
         torch.testing.assert_close(stage4.add_at(torch.zeros(len(hist), N), model.near_add(last)), want)
         cand = torch.randint(1, N + 1, (len(hist), 7))
         torch.testing.assert_close(model.near_at(last, cand), want.gather(1, cand - 1))
     run = stage4.Run(cfg, ds, data, ["A", "B"], model.train(), model, None, torch.device("cpu"), 0, 1, tmp_path)
     stage4.step_loss(run, np.arange(len(data.tr)), None, None, 1.0).backward()
-    assert model.items.near_rare.grad != 0
-    plain_cfg = stage4.Config(data=str(tiny_dataset), hidden=8, views="dual", semantic="raw", residual_rare=False)
-    assert not stage4.Recommender(plain_cfg, N, ["A", "B"], None, payload, data.pop[1:]).items.rare
-
-
-def test_residual_query_weighs_each_item_reads_cosines_by_its_training_rarity(tiny_dataset, tmp_path):
-    """--residual-query: the residual's terms from the item read j steps back weigh w_j x (1 + u x rarity of that
-    item), rarity from training interactions only; u starts at 0 (the plain residual) and is learned."""
-    payload = write_semantics(tiny_dataset)
-    cfg = stage4.Config(data=str(tiny_dataset), hidden=8, dropout=0.0, views="dual", semantic="raw",
-                        exclude_seen=False, residual_k=5, residual_lags=2, residual_query=True, threads=1)
-    ds = common.load_dataset(tiny_dataset, check_images=False)
-    data = stage4.build_data(cfg, ds)
-    N = ds.n_items
-    torch.manual_seed(0)
-    model = stage4.Recommender(cfg, ds.n_items, ["A", "B"], None, payload, data.pop[1:]).eval()
-    pop = np.bincount(np.concatenate([s[:-2] for s in ds.seqs]), minlength=N + 1)[1:]  # training part only
-    lp = np.log1p(pop)
-    rarity = torch.from_numpy(1 - lp / lp.max()).float()
-    torch.testing.assert_close(model.items.rarity[1:N + 1], rarity)
-    hist = random_batch(N, L=6).numpy()
-    last = stage4.recent(hist, 2)
-    dense = torch.zeros(N + 2, N + 1).scatter_(1, model.items.near_ids, model.items.near_cos)[:, 1:]
-    r = lambda j: model.items.rarity[last[:, j]][:, None]
-    with torch.no_grad():
-        plain = stage4.add_at(torch.zeros(len(hist), N), model.near_add(last))  # u = 0: the plain residual
-        torch.testing.assert_close(plain, 1.0 * dense[last[:, 0]] + 0.5 * dense[last[:, 1]])
-        model.items.near_query.fill_(3.0)
-        want = 1.0 * (1 + 3.0 * r(0)) * dense[last[:, 0]] + 0.5 * (1 + 3.0 * r(1)) * dense[last[:, 1]]
-        torch.testing.assert_close(stage4.add_at(torch.zeros(len(hist), N), model.near_add(last)), want)
-        cand = torch.randint(1, N + 1, (len(hist), 7))
-        torch.testing.assert_close(model.near_at(last, cand), want.gather(1, cand - 1))
-    run = stage4.Run(cfg, ds, data, ["A", "B"], model.train(), model, None, torch.device("cpu"), 0, 1, tmp_path)
-    stage4.step_loss(run, np.arange(len(data.tr)), None, None, 1.0).backward()
-    assert model.items.near_query.grad != 0
+    assert u.grad != 0
+    plain_cfg = stage4.Config(data=str(tiny_dataset), hidden=8, views="dual", semantic="raw")
+    items = stage4.Recommender(plain_cfg, N, ["A", "B"], None, payload, data.pop[1:]).items
+    assert not items.rare and not items.query
 
 
 @pytest.mark.parametrize("id_free", ["B", ""])
