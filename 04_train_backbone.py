@@ -1347,7 +1347,8 @@ def content_match_ranks(model, hist, seen, target, negs, cosine, combos, tail, c
     the cosine alone with the user's items excluded. {(gamma, beta, delta): (full, sampled), "content_only": (...)}"""
     was = model.training
     model.eval()
-    table, tail = model.table(), tail.to(device) if any(b or d for _, b, d in combos) else None
+    by_tail, by_query = any(b for _, b, _ in combos), any(d for _, _, d in combos)
+    table, tail = model.table(), tail.to(device) if by_tail or by_query else None
     out = {g: (np.zeros(len(hist), np.int64), np.zeros(len(hist), np.int64)) for g in [*combos, "content_only"]}
     for idx, h in user_states(model, hist, np.arange(len(hist)), cfg, device, bert):
         t = torch.from_numpy(target[idx]).to(device)
@@ -1356,8 +1357,8 @@ def content_match_ranks(model, hist, seen, target, negs, cosine, combos, tail, c
         c = F.pad(cosine(hist[idx, -1] - 1), (1, 0))  # column 0 = padding
         only = c.scatter(1, own, float("-inf"))[:, 1:]
         c = c.scatter_(1, own, 0.0)[:, 1:]
-        ct = c * tail if tail is not None else None
-        cq = c * tail[torch.from_numpy(hist[idx, -1] - 1).to(device)][:, None] if tail is not None else None
+        ct = c * tail if by_tail else None
+        cq = c * tail[torch.from_numpy(hist[idx, -1] - 1).to(device)][:, None] if by_query else None
         last = recent(hist[idx], cfg.residual_lags).to(device)
         s_model, buf = add_at(Recommender.score(h, table), model.near_add(last)), torch.empty_like(c)
         if cfg.exclude_seen:  # the model's own ranking leaves them out: so does every row built on it
@@ -1380,9 +1381,9 @@ def content_match_ranks(model, hist, seen, target, negs, cosine, combos, tail, c
 
 def content_match(model, sem, ds, train_seqs, eval_users, valid, test, cfg, device, bert) -> dict:
     """The inference-time content term, (gamma, beta, delta) chosen on validation NDCG@10 (the --select protocol;
-    the smallest gamma, then beta, then delta, on a tie), then test once; plus the content-only reference. The model is not retrained:
-    the run's own test figures stay the as-trained ones. Returns (results.json's entry, {"cm" | "content": per-user
-    test ranks})."""
+    the smallest gamma, then beta, then delta, on a tie), then test once; plus the content-only reference. The model
+    is not retrained: the run's own test figures stay the as-trained ones. Returns (results.json's entry, {"cm" |
+    "content": per-user test ranks})."""
     if cfg.match_text == "tfidf":  # sparse [N, V]: each batch's rows times all items, densified per batch only
         x = tfidf(ds.texts())
         cosine = lambda ids: torch.from_numpy((x[ids] @ x.T).toarray()).to(device)

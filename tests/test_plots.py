@@ -90,8 +90,8 @@ def test_ablation_and_compare_name_the_tail_weights_of_match_tail_and_match_quer
                if line.startswith("| plain backbone + content match |"))
     assert f"gamma {cm['gamma']:g}; tail {cm['tail_weight']:g}; tail query {cm['query_weight']:g}" in row
     compare = importlib.import_module("compare")
-    assert f"(gamma {cm['gamma']:g} + tail {cm['tail_weight']:g} + tail query {cm['query_weight']:g})" in compare.table(str(tiny_dataset),
-                                                                                    ["sasrec_ce_id_s1"])
+    weights = f"(gamma {cm['gamma']:g} + tail {cm['tail_weight']:g} + tail query {cm['query_weight']:g})"
+    assert weights in compare.table(str(tiny_dataset), ["sasrec_ce_id_s1"])
 
 
 def test_ablation_adds_the_per_user_paired_differences_per_seed(tiny_dataset, tmp_path):
